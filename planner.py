@@ -1,0 +1,183 @@
+"""SPOWL's safe improvement planner and action switch (Sec. 4.3-4.4; Eq. 11-12; Alg. 1-2).
+
+Each step, for every env: roll the policy prior and Gaussian action sequences through the latent dynamics, score
+each by its value J and cost value J_c (Eq. 11), keep the elites that beat the policy prior in *both* (Alg. 1,
+adaptive thresholds of Eq. 12), refit the sampling distribution to them (MPPI), and finally execute the plan's first
+action only if its Q is not lower and its cost-Q not higher than the policy action's (Alg. 2, the switch).
+
+The comparison planners are other selection rules of the same planner (`cfg.planner`): `tdmpc2` (top-k by J, no
+cost) and `cce` (a fixed threshold on J_c, Sec. 5.1).  Acting modes (`cfg.act`): `switch` (SPOWL), `plan`, `policy`.
+Everything is fixed-shape, so `act` is one jittable function batched over envs; horizon and iterations are scans.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from policy import deterministic_action, sample_action
+from world_model import aggregate, decode, encode, head_values, next_latent
+
+
+def estimate_value(model, policy, z, actions, key, cfg):
+    """J^M and J_c^M of Eq. 11 for N action sequences (H, N, A) from one latent z (L,): -> (N,), (N,).
+
+    J = sum_i gamma^i r_i + gamma^H Q_avg(z_H, pi(z_H)), Q_avg the mean of 2 random heads (authors' choice).
+    J_c = sum_i gamma_c^i c_i + gamma_c^H Q^c_avg(z_H, pi(z_H)), c_i the immediate cost aggregated over the cost
+    ensemble (`plan_cost_agg`: mean as the authors' code, max as the paper).  CCE's `local` estimate is instead the
+    undiscounted sum of max-over-ensemble immediate costs with no bootstrap (Sec. 5.1); `tdmpc2` has no J_c.
+    """
+    horizon = actions.shape[0]
+    with_cost = cfg.planner != "tdmpc2"
+
+    def step(z, action):
+        reward = decode(model.reward(jnp.concatenate([z, action], -1)), cfg)
+        cost = head_values(model.cost, z, action, cfg) if with_cost else jnp.zeros((1, *reward.shape))
+        return next_latent(model, z, action), (reward, cost)
+
+    z_last, (rewards, costs) = jax.lax.scan(step, jnp.broadcast_to(z, (actions.shape[1], z.shape[-1])), actions)
+    keys = jax.random.split(key, 3)
+    action_last, _ = sample_action(policy, z_last, keys[0], cfg)
+    q = aggregate(head_values(model.q, z_last, action_last, cfg), keys[1], cfg.q_subsample, "avg")
+    value = cfg.gamma ** jnp.arange(horizon) @ rewards + cfg.gamma**horizon * q
+    if not with_cost:
+        return value, jnp.zeros_like(value)
+    if cfg.planner == "cce" and cfg.cce_estimate == "local":
+        return value, costs.max(1).sum(0)
+    immediate = costs.max(1) if cfg.plan_cost_agg == "max" else costs.mean(1)  # (H, N)
+    cost_value = aggregate(head_values(model.cost_value, z_last, action_last, cfg), keys[2], cfg.cost_subsample, "avg")
+    return value, cfg.cost_gamma ** jnp.arange(horizon) @ immediate + cfg.cost_gamma**horizon * cost_value
+
+
+def top_k_mask(scores, k):
+    """Boolean mask of the k highest scores."""
+    return jnp.zeros(scores.shape, bool).at[jax.lax.top_k(scores, k)[1]].set(True)
+
+
+def select_elites(value, cost_value, d_reward, d_cost, is_prior, num_elites, restrict=True):
+    """SelectElites (Alg. 1): the sequences that beat both thresholds, capped to the top-k by J.
+
+    Improvement set = {J >= d_R and J_c <= d_c}; if it is empty the elites are the policy prior, if it has at most
+    k members all of them, else the k best by J (`restrict=False` drops the cap).  Returns (elite mask, MPPI score).
+    """
+    improvement = (value >= d_reward) & (cost_value <= d_cost)
+    elites = improvement & top_k_mask(jnp.where(improvement, value, -jnp.inf), num_elites) if restrict else improvement
+    return jnp.where(improvement.any(), elites, is_prior), value
+
+
+def select_top_k(value, num_elites):
+    """TD-MPC2's elite rule: the k best sequences by J, costs ignored."""
+    return top_k_mask(value, num_elites), value
+
+
+def select_cce(value, cost_value, d_plan, num_elites):
+    """Constrained cross-entropy (Sec. 3.2 Eq. 4, Sec. 5.1): the top-k by J among {J_c < d_plan} when there are k
+    feasible sequences, else the k lowest J_c, scored by -J_c so MPPI weighs them toward low cost."""
+    feasible = cost_value < d_plan
+    enough = feasible.sum() >= num_elites
+    elites = jnp.where(enough, top_k_mask(jnp.where(feasible, value, -jnp.inf), num_elites),
+                       top_k_mask(-cost_value, num_elites))
+    return elites, jnp.where(enough, value, -cost_value)
+
+
+def plan(model, policy, z, prev_mean, policy_value, policy_cost_value, key, cfg, eval_mode=False):
+    """Safe improvement planning for one env (Sec. 4.3; the planning loop of Alg. 2).
+
+    z (L,): the encoded observation; prev_mean (H, A): last step's plan mean (zeros at an episode start), shifted
+    one step as the warm start.  policy_value / policy_cost_value are the switch's bounds for the policy action,
+    used as d_R / d_c only when `cfg.ci_thresholds` is set (the authors' `use_ci_thresholds`, off by default).
+    Returns the plan action (A,) -- one elite drawn with its MPPI weight, plus std[0] noise in training -- the
+    new plan mean (H, A) and the number of elites of the last iteration.
+    """
+    horizon, num_prior, num_samples = cfg.horizon, cfg.num_pi_trajs, cfg.num_samples
+    action_dim = prev_mean.shape[-1]
+    key_prior, key_iterations, key_pick, key_noise = jax.random.split(key, 4)
+
+    def prior_step(z, key):
+        action, _ = sample_action(policy, z, key, cfg)
+        return next_latent(model, z, action), action
+
+    z_prior = jnp.broadcast_to(z, (num_prior, z.shape[-1]))
+    _, prior = jax.lax.scan(prior_step, z_prior, jax.random.split(key_prior, horizon))  # (H, P, A)
+    is_prior = jnp.arange(num_samples) < num_prior
+
+    def iteration(carry, key):
+        mean, std, _, _ = carry
+        key_sample, key_value = jax.random.split(key)
+        noise = jax.random.normal(key_sample, (horizon, num_samples - num_prior, action_dim))
+        actions = jnp.concatenate([prior, jnp.clip(mean[:, None] + std[:, None] * noise, -1, 1)], 1)  # (H, N, A)
+        value, cost_value = map(jnp.nan_to_num, estimate_value(model, policy, z, actions, key_value, cfg))
+        if cfg.planner == "spowl":
+            if cfg.ci_thresholds:
+                d_reward, d_cost = policy_value, policy_cost_value
+            else:  # adaptive thresholds of Eq. 12, from the policy prior (SPEC 12)
+                d_reward, d_cost = value[:num_prior].mean(), cost_value[:num_prior].mean()
+            elites, score = select_elites(value, cost_value, d_reward, d_cost, is_prior, cfg.num_elites,
+                                          cfg.restrict_elites)
+        elif cfg.planner == "tdmpc2":
+            elites, score = select_top_k(value, cfg.num_elites)
+        else:
+            elites, score = select_cce(value, cost_value, cfg.cce_threshold, cfg.num_elites)
+        # MPPI refit: w ~ exp(temperature (score - max score)) over the elites.
+        weights = jax.nn.softmax(jnp.where(elites, cfg.temperature * score, -jnp.inf))
+        mean = jnp.einsum("n,hna->ha", weights, actions)
+        std = jnp.sqrt(jnp.einsum("n,hna->ha", weights, (actions - mean[:, None]) ** 2))
+        return (mean, jnp.clip(std, cfg.min_std, cfg.max_std), actions, weights), elites.sum()
+
+    warm_start = jnp.concatenate([prev_mean[1:], jnp.zeros((1, action_dim))])
+    init = (warm_start, jnp.full((horizon, action_dim), cfg.max_std), jnp.zeros((horizon, num_samples, action_dim)),
+            jnp.zeros(num_samples))
+    (mean, std, actions, weights), num_elites = jax.lax.scan(
+        iteration, init, jax.random.split(key_iterations, cfg.iterations))
+    action = actions[0, jax.random.categorical(key_pick, jnp.log(weights))]
+    if not eval_mode:
+        action = action + std[0] * jax.random.normal(key_noise, (action_dim,))
+    return jnp.clip(action, -1, 1), mean, num_elites[-1]
+
+
+def bootstrap_interval(values, key, cfg):
+    """95 % bootstrap confidence interval of the mean of an ensemble's values (n,): -> (low, high) (SPEC 9.1)."""
+    resampled = jax.random.choice(key, values, (cfg.ci_resamples, values.shape[0])).mean(-1)
+    return jnp.percentile(resampled, 2.5), jnp.percentile(resampled, 97.5)
+
+
+def act(model, policy, obs, prev_mean, key, cfg, eval_mode=False):
+    """SPOWL model predictive control for a batch of envs (Alg. 2): plan, then switch between plan and policy.
+
+    obs (E, O), prev_mean (E, H, A).  The switch (`act='switch'`) executes the plan action iff its Q_avg is at
+    least the policy action's bound and its Q^c_avg at most the policy action's bound: by default the authors'
+    bootstrap interval of the policy action's ensemble (low end for Q, high end for Q^c, SPEC 10), with
+    `switch_rule='mean'` the paper's plain averages.  In eval mode the policy action is tanh(mean) and the plan
+    action carries no exploration noise.  Returns (action (E, A), next plan mean (E, H, A), info) where
+    info['used_plan'] (E,) marks executed plan actions (the paper's Balance).
+    """
+    num_envs = obs.shape[0]
+    key_pi, key_bound, key_plan, key_switch = jax.random.split(key, 4)
+    z = encode(model, obs)
+    if eval_mode:
+        policy_action = deterministic_action(policy, z)
+    else:
+        policy_action, _ = sample_action(policy, z, key_pi, cfg)
+    if cfg.act == "policy":
+        return policy_action, prev_mean, {"used_plan": jnp.zeros(num_envs, bool), "elites": jnp.zeros(num_envs)}
+
+    def q_avg(action, key):  # (E,) values and cost values of one action per env, averaged as in Eq. 11
+        key_q, key_c = jax.random.split(key)
+        return (aggregate(head_values(model.q, z, action, cfg), key_q, cfg.q_subsample, "avg"),
+                aggregate(head_values(model.cost_value, z, action, cfg), key_c, cfg.cost_subsample, "avg"))
+
+    if cfg.switch_rule == "ci":
+        keys = jax.random.split(key_bound, (2, num_envs))
+        interval = jax.vmap(bootstrap_interval, in_axes=(1, 0, None))
+        policy_value = interval(head_values(model.q, z, policy_action, cfg), keys[0], cfg)[0]
+        policy_cost_value = interval(head_values(model.cost_value, z, policy_action, cfg), keys[1], cfg)[1]
+    else:
+        policy_value, policy_cost_value = q_avg(policy_action, key_bound)
+
+    plan_one = lambda *args: plan(model, policy, *args, cfg, eval_mode)  # noqa: E731
+    plan_action, mean, num_elites = jax.vmap(plan_one)(z, prev_mean, policy_value, policy_cost_value,
+                                                       jax.random.split(key_plan, num_envs))
+    if cfg.act == "plan":
+        return plan_action, mean, {"used_plan": jnp.ones(num_envs, bool), "elites": num_elites}
+    plan_value, plan_cost_value = q_avg(plan_action, key_switch)
+    use_plan = (plan_value >= policy_value) & (plan_cost_value <= policy_cost_value)
+    return jnp.where(use_plan[:, None], plan_action, policy_action), mean, {"used_plan": use_plan,
+                                                                            "elites": num_elites}

@@ -1,0 +1,236 @@
+"""SPOWL's implicit world model (Fig. 1; Eq. 5-6), after TD-MPC2.
+
+Encoder h, SimNorm latent dynamics f, reward head R, and three ensembles -- values Q_j, immediate costs C_j and cost
+values Q^c_j -- all small MLPs on a latent z.  Rewards, costs and values are learned by discrete regression: a
+two-hot target over bins in symlog space with a soft cross-entropy.  Ensembles are one stacked parameter set
+evaluated with `vmap`, so each layer of a whole ensemble is one batched matmul.
+
+Every function takes the run configuration `cfg` (the `Args` of `spowl.py`, or any object with the same fields)
+and works on arrays with any leading batch shape.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Discrete regression (SPEC 5)
+
+
+def symlog(x):
+    return jnp.sign(x) * jnp.log1p(jnp.abs(x))
+
+
+def symexp(x):
+    return jnp.sign(x) * jnp.expm1(jnp.abs(x))
+
+
+def two_hot(x, cfg):
+    """Encode scalars (...) as two-hot vectors (..., num_bins) over bins evenly spaced in symlog space."""
+    bin_size = (cfg.vmax - cfg.vmin) / (cfg.num_bins - 1)
+    position = (jnp.clip(symlog(x), cfg.vmin, cfg.vmax) - cfg.vmin) / bin_size
+    lower = jnp.clip(jnp.floor(position), 0, cfg.num_bins - 2)
+    upper_weight = (position - lower)[..., None]
+    lower_hot = jax.nn.one_hot(lower, cfg.num_bins)
+    upper_hot = jax.nn.one_hot(lower + 1, cfg.num_bins)
+    return (1 - upper_weight) * lower_hot + upper_weight * upper_hot
+
+
+def decode(logits, cfg):
+    """Expected value of a bin distribution, mapped back from symlog space: (..., num_bins) -> (...)."""
+    bin_values = jnp.linspace(cfg.vmin, cfg.vmax, cfg.num_bins)
+    return symexp(jax.nn.softmax(logits, -1) @ bin_values)
+
+
+def soft_ce(logits, x, cfg):
+    """Cross-entropy between predicted bin logits (..., num_bins) and the two-hot encoding of targets x (...)."""
+    return -(two_hot(x, cfg) * jax.nn.log_softmax(logits, -1)).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Networks (SPEC 4)
+
+
+def simnorm(x, group_size):
+    """Simplicial normalisation: a softmax over each group of `group_size` consecutive latent dimensions."""
+    groups = x.reshape(*x.shape[:-1], -1, group_size)
+    return jax.nn.softmax(groups, -1).reshape(x.shape)
+
+
+def layer_norm(x, scale, offset, eps=1e-5):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + offset
+
+
+class MLP(eqx.Module):
+    """NormedLinear hidden layers (Linear -> Dropout (first layer) -> LayerNorm -> Mish) and an output layer.
+
+    The output layer is a plain Linear, or Linear -> LayerNorm -> SimNorm when `simnorm_groups > 0` (encoder and
+    dynamics).  Dropout is active only when a PRNG key is passed (training mode).
+    """
+
+    weights: list
+    biases: list
+    norm_scales: list
+    norm_offsets: list
+    dropout: float = eqx.field(static=True)
+    simnorm_groups: int = eqx.field(static=True)
+
+    def __call__(self, x, key=None):
+        num_layers = len(self.weights)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = x @ w + b
+            if i == num_layers - 1 and not self.simnorm_groups:
+                break
+            if i == 0 and self.dropout > 0 and key is not None:
+                keep = jax.random.bernoulli(key, 1 - self.dropout, x.shape)
+                x = jnp.where(keep, x / (1 - self.dropout), 0.0)
+            x = layer_norm(x, self.norm_scales[i], self.norm_offsets[i])
+            x = jax.nn.mish(x) if i < num_layers - 1 else simnorm(x, self.simnorm_groups)
+        return x
+
+
+def mlp(key, sizes, dropout=0.0, simnorm_groups=0, zero_output=False):
+    """An MLP with layer widths `sizes` (input, hidden..., output); weights ~ 0.02 x truncated normal, biases 0.
+
+    `zero_output` zeroes the last layer so a regression head starts uniform over the bins, i.e. predicts 0.
+    """
+    keys = jax.random.split(key, len(sizes) - 1)
+    weights = [0.02 * jax.random.truncated_normal(k, -2, 2, (n_in, n_out)) for k, n_in, n_out in
+               zip(keys, sizes[:-1], sizes[1:])]
+    if zero_output:
+        weights[-1] = jnp.zeros_like(weights[-1])
+    normed = sizes[1:] if simnorm_groups else sizes[1:-1]
+    return MLP(weights, [jnp.zeros(n) for n in sizes[1:]], [jnp.ones(n) for n in normed],
+               [jnp.zeros(n) for n in normed], dropout, simnorm_groups)
+
+
+def ensemble(key, num_heads, sizes, dropout):
+    """`num_heads` zero-output regression heads stacked into one MLP whose arrays carry a leading head axis."""
+    return eqx.filter_vmap(lambda k: mlp(k, sizes, dropout, zero_output=True))(jax.random.split(key, num_heads))
+
+
+def ensemble_apply(heads, x, key=None):
+    """Every head of a stacked ensemble on the same input: (..., in) -> (num_heads, ..., out)."""
+    num_heads = heads.weights[0].shape[0]
+    if key is None:
+        return eqx.filter_vmap(lambda head: head(x))(heads)
+    return eqx.filter_vmap(lambda head, k: head(x, k))(heads, jax.random.split(key, num_heads))
+
+
+class WorldModel(eqx.Module):
+    encoder: MLP  # h: observation -> latent z
+    dynamics: MLP  # f: (z, a) -> next z
+    reward: MLP  # R: (z, a) -> reward logits
+    cost: MLP  # C_j: (z, a) -> immediate-cost logits, stacked ensemble
+    q: MLP  # Q_j: (z, a) -> value logits, stacked ensemble
+    cost_value: MLP  # Q^c_j: (z, a) -> cost-value logits, stacked ensemble
+
+
+def init_world_model(key, cfg, obs_dim, action_dim):
+    """All components of Fig. 1 with the SPEC 4 sizes; the target ensembles start as copies (see `targets`)."""
+    keys = jax.random.split(key, 6)
+    latent, hidden = cfg.latent_dim, cfg.mlp_dim
+    head = [latent + action_dim, hidden, hidden, cfg.num_bins]
+    encoder_sizes = [obs_dim] + [cfg.enc_dim] * (cfg.num_enc_layers - 1) + [latent]
+    return WorldModel(
+        encoder=mlp(keys[0], encoder_sizes, simnorm_groups=cfg.simnorm_dim),
+        dynamics=mlp(keys[1], [latent + action_dim, hidden, hidden, latent], simnorm_groups=cfg.simnorm_dim),
+        reward=mlp(keys[2], head, zero_output=True),
+        cost=ensemble(keys[3], cfg.num_cost_heads, head, cfg.cost_dropout),
+        q=ensemble(keys[4], cfg.num_q, head, cfg.dropout),
+        cost_value=ensemble(keys[5], cfg.num_cost_heads, head, cfg.dropout),
+    )
+
+
+def targets(model):
+    """The EMA target ensembles (Q-bar, Q^c-bar) of Eq. 6, as a pair."""
+    return model.q, model.cost_value
+
+
+def encode(model, obs):
+    return model.encoder(obs)
+
+
+def next_latent(model, z, action):
+    return model.dynamics(jnp.concatenate([z, action], -1))
+
+
+def head_values(heads, z, action, cfg, key=None):
+    """Decoded predictions of every head of an ensemble: (num_heads, ...).  A key turns dropout on."""
+    return decode(ensemble_apply(heads, jnp.concatenate([z, action], -1), key), cfg)
+
+
+def aggregate(values, key, num, how):
+    """Aggregate `num` of the heads (axis 0) drawn without replacement, independently for every sample.
+
+    `how` is 'min', 'max' or 'avg'.  With `num` equal to the ensemble size all heads are used (the draw is moot).
+    """
+    if num < values.shape[0]:
+        order = jnp.argsort(jax.random.uniform(key, values.shape), axis=0)[:num]
+        values = jnp.take_along_axis(values, order, axis=0)
+    return {"min": jnp.min, "max": jnp.max, "avg": jnp.mean}[how](values, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training (Eq. 5-6, SPEC 6)
+
+
+def td_targets(target, z_next, action_next, reward, cost, terminated, key, cfg):
+    """TD targets of Eq. 6: Q_t = r_t + gamma min(2 of Q-bar), Q^c_t = c_t + gamma_c agg(Q^c-bar).
+
+    Inputs are (H, B, ...): the encoded next observations z'_t and policy actions a'_t there.  The cost value's
+    aggregation (`cost_target_agg`: min | max | avg) is the Sec. 5.3 ablation; the `(1 - terminated)` mask is the
+    authors' (the paper's Eq. 6 has none).
+    """
+    target_q, target_cost_value = target
+    key_q, key_c = jax.random.split(key)
+    q = aggregate(head_values(target_q, z_next, action_next, cfg), key_q, cfg.q_subsample, "min")
+    qc = aggregate(head_values(target_cost_value, z_next, action_next, cfg), key_c, cfg.cost_subsample,
+                   cfg.cost_target_agg)
+    alive = 1.0 - terminated
+    return reward + alive * cfg.gamma * q, cost + alive * cfg.cost_gamma * qc
+
+
+def masked_mean(x, mask):
+    """Mean over the batch axis of (H, B) terms, leaving out masked (cross-episode) entries: -> (H,)."""
+    return (x * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1)
+
+
+def world_model_loss(model, batch, z_next, q_target, cost_value_target, key, cfg):
+    """World-model loss of Eq. 5 with the authors' weighting (SPEC 6).
+
+    `batch` holds obs (H+1, B, O), action (H, B, A), reward, cost and valid (H, B); `valid` is False where a
+    transition crosses an episode boundary.  There the step's losses are masked and the rollout restarts from the
+    constant target z'_t = sg(h(s_{t+1})).  Returns the total and (a dict of the named terms, the rolled-out latents
+    z_0..z_H that the policy loss reuses).
+    """
+    z0 = encode(model, batch.obs[0])
+
+    def rollout(z, step):
+        action, target, valid = step
+        z_pred = next_latent(model, z, action)
+        return jnp.where(valid[:, None], z_pred, target), (z, z_pred)
+
+    z_last, (zs, z_preds) = jax.lax.scan(rollout, z0, (batch.action, z_next, batch.valid))
+    za = jnp.concatenate([zs, batch.action], -1)
+    mask = batch.valid.astype(jnp.float32)
+    key_q, key_c = jax.random.split(key)
+    cost_weight = jnp.where(batch.cost > 0, cfg.cost_imb_weight, 1.0)  # cost signals are rare (SPEC 6.3)
+    per_step = {  # each (H, B)
+        "consistency": ((z_preds - z_next) ** 2).mean(-1),
+        "reward": soft_ce(model.reward(za), batch.reward, cfg),
+        "value": soft_ce(ensemble_apply(model.q, za, key_q), q_target, cfg).mean(0),
+        "cost": soft_ce(ensemble_apply(model.cost, za), batch.cost, cfg).mean(0) * cost_weight,
+        "cost_value": soft_ce(ensemble_apply(model.cost_value, za, key_c), cost_value_target, cfg).mean(0),
+    }
+    rho = cfg.rho ** jnp.arange(batch.action.shape[0])
+    terms = {name: (rho * masked_mean(x, mask)).mean() for name, x in per_step.items()}
+    coefs = {"consistency": cfg.consistency_coef, "reward": cfg.reward_coef, "value": cfg.value_coef,
+             "cost": cfg.cost_coef, "cost_value": cfg.cost_value_coef}
+    total = sum(coefs[name] * term for name, term in terms.items())
+    latents = jnp.concatenate([zs, z_last[None]], 0)
+    return total, (terms, jax.lax.stop_gradient(latents))
+
