@@ -10,21 +10,29 @@ Safety-Gymnasium envs run in worker processes stepped from inside the scan by a 
 (jax_env.py) is stepped inside the scan itself and can train several seeds at once with `vmap`.
 """
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import time
+import types
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
+from unittest import mock
 
 import equinox as eqx
+import gymnasium
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
+import xmltodict
+from jax.experimental import io_callback
 
 import buffer as replay
+import jax_env
 from planner import act
 from policy import init_policy, policy_loss, sample_action, update_multipliers
 from world_model import encode, init_world_model, targets, td_targets, world_model_loss
@@ -265,3 +273,617 @@ def update(agent, batch, key, args):
     info = {"model_loss": model_loss, "policy_loss": pi_loss, **terms, **pi_info, "q_target": q_target.mean(),
             "cost_value_target": cost_value_target.mean()}
     return Agent(model, target, policy, model_state, policy_state, multiplier, penalty, pi_info["scale"]), info
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Safety-Gymnasium behind a fixed-shape, next-step auto-resetting vector API (SPEC 1)
+
+# Safety-Gymnasium is imported where it is used: version 1.0.0 imports only on Python 3.10 (on 3.11+ a dataclass
+# field with an ndarray default raises at import time), and the rest of this file must import everywhere.
+
+
+def check_env_id(env_id: str) -> None:
+    """Rejects anything but a single-agent, vector-observation Safety-Gymnasium task, before any env is built."""
+    from safety_gymnasium.utils.registration import safe_registry
+
+    # `safe_registry` holds every id registered through `safety_gymnasium.register`: the single-agent tasks and their
+    # `...Vision-v0` (pixel observations) and `...Debug-v0` (keyboard-driven) variants. Multi-agent tasks are built by
+    # `safety_gymnasium.make_ma` and are not in it, nor are the `...Gymnasium-v0` aliases in Gymnasium's registry.
+    config = gymnasium.envs.registry[env_id].kwargs.get("config", {}) if env_id in safe_registry else None
+    if config is None or config.get("observe_vision") or config.get("debug"):
+        raise ValueError(
+            f"--env-id {env_id!r} is not a single-agent Safety-Gymnasium task with vector observations "
+            "(e.g. SafetyPointGoal1-v0; Vision, Debug and multi-agent tasks are not supported)"
+        )
+
+
+def _unparse_without_skybox(tree, **kwargs):
+    """`xmltodict.unparse` as `World.build` sees it in a cheap reset: drops the skybox texture from the world XML."""
+    asset = tree["mujoco"]["asset"]
+    asset["texture"] = [texture for texture in asset["texture"] if texture.get("@type") != "skybox"]
+    return xmltodict.unparse(tree, **kwargs)
+
+
+@contextlib.contextmanager
+def _without_skybox():
+    """Within this context, Safety-Gymnasium compiles its MuJoCo models without the skybox texture.
+
+    Every reset rebuilds the model from XML, and decoding the six HD skybox images is nearly all of that time. The
+    skybox is only ever drawn, never simulated or sensed, so observations, rewards and costs stay bit-identical.
+    `World.build` is the only place a model is compiled, from the string `xmltodict.unparse` makes of its XML tree,
+    so swapping that one name in `safety_gymnasium.world` for the duration of a reset is enough.
+    """
+    import safety_gymnasium.world
+
+    xmltodict_without_skybox = types.SimpleNamespace(parse=xmltodict.parse, unparse=_unparse_without_skybox)
+    with mock.patch.object(safety_gymnasium.world, "xmltodict", xmltodict_without_skybox):
+        yield
+
+
+class SpowlEnv(gymnasium.Wrapper):
+    """Clipped actions, action repeat, float32 observations and next-step auto-reset (SPEC 1).
+
+    One `step` repeats the action for up to `action_repeat` raw steps, summing reward and cost and stopping early at
+    an episode end. The wrapper never reports `terminated`/`truncated` itself, so Gymnasium 0.28's vector envs, which
+    reset on the *same* step and hide the final observation in `info`, never reset on their own. The true flags and the
+    raw steps taken travel in `info`; the step after an episode ended ignores its action and returns the reset
+    observation with reward 0, cost 0, no flags and 0 raw steps (the next-step semantics of Gymnasium >= 1.0).
+    """
+
+    def __init__(self, env: gymnasium.Env, action_repeat: int, seed: int, cheap_reset: bool):
+        super().__init__(env)
+        self.action_repeat, self.cheap_reset = action_repeat, cheap_reset
+        self._seed = seed  # used by the first reset only; later episodes continue the env's own random stream
+        self._episode_over = False
+        space = env.observation_space
+        self.observation_space = gymnasium.spaces.Box(space.low, space.high, space.shape, np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        seed, self._seed = (self._seed if seed is None else seed), None
+        self._episode_over = False
+        with _without_skybox() if self.cheap_reset else contextlib.nullcontext():
+            obs, info = self.env.reset(seed=seed, options=options)
+        return obs.astype(np.float32), info
+
+    def step(self, action):
+        if self._episode_over:
+            obs, _ = self.reset()
+            return obs, 0.0, False, False, {"cost": 0.0, "terminated": False, "truncated": False, "raw_steps": 0}
+        action = np.clip(action, -1.0, 1.0)
+        reward = cost = 0.0
+        for raw_steps in range(1, self.action_repeat + 1):
+            obs, raw_reward, terminated, truncated, info = self.env.step(action)
+            reward, cost = reward + float(raw_reward), cost + float(info["cost"])
+            if terminated or truncated:
+                break
+        self._episode_over = bool(terminated or truncated)
+        # Plain Python scalars, so the vector env batches each info key into an array of that dtype.
+        info = {"cost": cost, "terminated": bool(terminated), "truncated": bool(truncated), "raw_steps": raw_steps}
+        return obs.astype(np.float32), reward, False, False, info
+
+
+def make_env(env_id: str, action_repeat: int, seed: int, render: bool = False) -> gymnasium.Env:
+    """One Safety-Gymnasium env with the SPEC 1 wrappers; `render=True` keeps the skybox for `env.render()` frames."""
+    import safety_gymnasium
+
+    # `safety_gymnasium.make` already adds the registered time limit (1000 raw steps for Goal/Push/Button), beneath
+    # the action repeat, so it counts raw steps.
+    env = safety_gymnasium.make(env_id, render_mode="rgb_array" if render else None)
+    env = safety_gymnasium.wrappers.SafetyGymnasium2Gymnasium(env)  # 5-tuple API, cost in info["cost"]
+    env = gymnasium.wrappers.RescaleAction(env, -1.0, 1.0)
+    return SpowlEnv(env, action_repeat, seed, cheap_reset=not render)
+
+
+def make_vector_env(env_id: str, num_envs: int, seed: int, action_repeat: int) -> gymnasium.vector.AsyncVectorEnv:
+    """`num_envs` envs in worker processes; env i is seeded `seed + i` at its first reset."""
+    # "spawn", not the Linux default "fork": forking a process in which JAX's threads already run can deadlock. The
+    # workers re-import the main module, so a script needs its `if __name__ == "__main__":` guard.
+    env_fns = [functools.partial(make_env, env_id, action_repeat, seed + i) for i in range(num_envs)]
+    return gymnasium.vector.AsyncVectorEnv(env_fns, context="spawn")
+
+
+def vector_reset(envs: gymnasium.vector.VectorEnv) -> np.ndarray:
+    """Resets every env; returns obs (E, obs_dim) float32."""
+    obs, _ = envs.reset()
+    return obs.astype(np.float32)
+
+
+def vector_step(envs: gymnasium.vector.VectorEnv, actions: np.ndarray) -> tuple:
+    """One agent step in every env, with the fixed dtypes and shapes a JAX `io_callback` must declare.
+
+    Returns obs (E, obs_dim) float32, reward (E,) float32, cost (E,) float32, terminated (E,) bool, truncated (E,)
+    bool, raw_steps (E,) int32; after an episode end, an env's next step returns its reset observation (see SpowlEnv).
+    """
+    obs, reward, _, _, info = envs.step(np.asarray(actions))
+    return (obs.astype(np.float32), reward.astype(np.float32), info["cost"].astype(np.float32),
+            info["terminated"].astype(bool), info["truncated"].astype(bool), info["raw_steps"].astype(np.int32))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Environments: one batched, pure interface for both kinds
+#   reset(key) -> (env_state, obs)
+#   step(env_state, action, key) -> (env_state, obs, reward, cost, terminated, truncated, raw_steps)
+# with *next-step* auto-reset (SPEC 1): after an episode's final observation (returned with its flag) the next action
+# is ignored and the env returns the reset observation with reward 0, cost 0, no flags and 0 raw steps.
+
+
+class Env(NamedTuple):
+    num_envs: int
+    obs_dim: int
+    action_dim: int
+    action_repeat: int  # raw env steps per agent step
+    episode_steps: int  # agent steps of a full episode
+    reset: callable
+    step: callable
+
+
+def pure_env(module, num_envs):
+    """A pure-JAX env module (reset, step) batched over `num_envs`, stepped inside the scan itself."""
+
+    def reset(key):
+        states, obs = jax.vmap(module.reset)(jax.random.split(key, num_envs))
+        return (states, jnp.zeros(num_envs, bool)), obs
+
+    def step(env_state, action, key):
+        states, ended = env_state
+        stepped, obs, reward, cost, terminated, truncated = jax.vmap(module.step)(states, action)
+        (fresh, _), fresh_obs = reset(key)
+        pick = lambda new, old: jnp.where(ended.reshape(-1, *[1] * (new.ndim - 1)), new, old)  # noqa: E731
+        states, obs = jax.tree.map(pick, (fresh, fresh_obs), (stepped, obs))
+        reward, cost, terminated, truncated = (jnp.where(ended, jnp.zeros_like(x), x)
+                                              for x in (reward, cost, terminated, truncated))
+        raw_steps = jnp.where(ended, 0, 1)
+        return (states, terminated | truncated), obs, reward, cost, terminated, truncated, raw_steps
+
+    return Env(num_envs, module.OBS_DIM, module.ACT_DIM, 1, module.EPISODE_LENGTH, reset, step)
+
+
+def host_env(envs, obs_dim, action_dim, action_repeat, episode_steps):
+    """A vector env of worker processes, stepped from inside `jit` by an ordered host callback."""
+    num_envs = envs.num_envs
+    out = (jax.ShapeDtypeStruct((num_envs, obs_dim), jnp.float32), jax.ShapeDtypeStruct((num_envs,), jnp.float32),
+           jax.ShapeDtypeStruct((num_envs,), jnp.float32), jax.ShapeDtypeStruct((num_envs,), jnp.bool_),
+           jax.ShapeDtypeStruct((num_envs,), jnp.bool_), jax.ShapeDtypeStruct((num_envs,), jnp.int32))
+
+    def reset(key):
+        return (), io_callback(lambda: vector_reset(envs), out[0], ordered=True)
+
+    def step(env_state, action, key):
+        return ((), *io_callback(lambda a: vector_step(envs, np.asarray(a)), out, action, ordered=True))
+
+    return Env(num_envs, obs_dim, action_dim, action_repeat, episode_steps, reset, step)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training loop: act -> env step -> buffer add -> gradient updates, one vector step at a time inside a lax.scan
+
+
+class Runner(NamedTuple):
+    agent: Agent
+    buffer: replay.Buffer
+    env_state: tuple
+    obs: jax.Array  # (E, O)
+    ended: jax.Array  # (E,) obs is the last of its episode: the next action only triggers the reset
+    plan_mean: jax.Array  # (E, H, A) warm start of the planner
+    episode_return: jax.Array  # (E,)
+    episode_cost: jax.Array  # (E,)
+    global_step: jax.Array  # raw training env steps, summed over envs
+    total_cost: jax.Array  # cumulative training cost (for the cost rate)
+    key: jax.Array
+
+
+class Train(NamedTuple):
+    init: callable  # key -> Runner
+    step: callable  # Runner -> (Runner, metrics): one vector step
+    run: callable  # (Runner, stop_at) -> (Runner, metrics): scanned steps until global_step reaches stop_at
+    evaluate: callable  # (Agent, key) -> (returns, costs) of full eval episodes
+
+
+def zeros_like_output(fn, *args):
+    """Zeros shaped like fn(*args)'s output, for the idle branch of a lax.cond."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
+
+
+def make_train(args, env, eval_env):
+    """Pure functions of a SPOWL run (PureJaxRL-style); `env` / `eval_env` are batched `Env`s (train / eval)."""
+    num_envs, horizon = args.num_envs, args.horizon
+    steps_per_vector_step = num_envs * env.action_repeat
+    # A chunk covers the smallest event interval; steps past `stop_at` are skipped (episode resets add 0 steps,
+    # so a chunk may fall short; the driver then runs another).
+    chunk_length = -(-min(args.log_every, args.eval_every, args.checkpoint_every) // steps_per_vector_step) + 1
+
+    def init(key):
+        key_agent, key_env, key = jax.random.split(key, 3)
+        agent = init_agent(key_agent, args, env.obs_dim, env.action_dim)
+        env_state, obs = env.reset(key_env)
+        capacity = args.buffer_size // num_envs
+        buffer = replay.init(num_envs, capacity, env.obs_dim, env.action_dim)
+        zeros = jnp.zeros(num_envs)
+        buffer = replay.add(buffer, obs, jnp.zeros((num_envs, env.action_dim)), zeros, zeros, zeros > 0, zeros > 0)
+        return Runner(agent, buffer, env_state, obs, zeros > 0, jnp.zeros((num_envs, horizon, env.action_dim)), zeros,
+                      zeros, jnp.zeros((), jnp.int32), jnp.zeros(()), key)
+
+    def gradient_updates(agent, buffer, key):
+        def one_update(agent, key):
+            key_sample, key_update = jax.random.split(key)
+            return update(agent, replay.sample(buffer, key_sample, args.batch_size, horizon), key_update, args)
+
+        agent, info = jax.lax.scan(one_update, agent, jax.random.split(key, num_envs * args.utd_ratio))
+        return agent, jax.tree.map(jnp.mean, info)
+
+    def step(runner):
+        key, key_act, key_env, key_update = jax.random.split(runner.key, 4)
+        agent = runner.agent
+        learning = (runner.global_step >= args.learning_starts) & (runner.buffer.size > horizon)
+
+        def planned():
+            action, mean, info = act(agent.model, agent.policy, runner.obs, runner.plan_mean, key_act, args)
+            return action, mean, info["used_plan"]
+
+        def random():
+            action = jax.random.uniform(key_act, (num_envs, env.action_dim), minval=-1, maxval=1)
+            return action, runner.plan_mean, jnp.zeros(num_envs, bool)
+
+        action, plan_mean, used_plan = jax.lax.cond(learning, planned, random)
+        env_state, obs, reward, cost, terminated, truncated, raw_steps = env.step(runner.env_state, action, key_env)
+        resetting = runner.ended  # this step only reset those envs: store the reset obs as an episode start
+        action = jnp.where(resetting[:, None], 0.0, action)
+        buffer = replay.add(runner.buffer, obs, action, reward, cost, terminated, truncated)
+        agent, info = jax.lax.cond(learning, gradient_updates,
+                                   lambda *args: (agent, zeros_like_output(gradient_updates, *args)[1]),
+                                   agent, buffer, key_update)
+        ended = terminated | truncated
+        episode_return = jnp.where(resetting, 0.0, runner.episode_return) + reward
+        episode_cost = jnp.where(resetting, 0.0, runner.episode_cost) + cost
+        metrics = {"learning": learning, "used_plan": used_plan.mean(), "ended": ended,
+                   "episode_return": episode_return, "episode_cost": episode_cost,
+                   "multiplier": agent.multiplier, "penalty": agent.penalty, **info}
+        runner = Runner(agent, buffer, env_state, obs, ended, jnp.where(resetting[:, None, None], 0.0, plan_mean),
+                        episode_return, episode_cost, runner.global_step + raw_steps.sum(),
+                        runner.total_cost + cost.sum(), key)
+        return runner, metrics
+
+    def run(runner, stop_at):
+        def gated_step(runner, _):
+            active = runner.global_step < stop_at
+            runner, metrics = jax.lax.cond(active, step, lambda r: (r, zeros_like_output(step, r)[1]), runner)
+            return runner, {**metrics, "active": active}
+
+        return jax.lax.scan(gated_step, runner, None, length=chunk_length)
+
+    def evaluate(agent, key):
+        """`eval_episodes` full episodes in eval mode (SPEC 10), `eval_env.num_envs` at a time from fresh resets."""
+
+        def episode_batch(key):
+            key_reset, key = jax.random.split(key)
+            env_state, obs = eval_env.reset(key_reset)
+            n = obs.shape[0]
+            plan_mean = jnp.zeros((n, horizon, eval_env.action_dim))
+
+            def eval_step(carry, key):
+                env_state, obs, plan_mean, done, total_return, total_cost = carry
+                key_act, key_env = jax.random.split(key)
+                action, plan_mean, _ = act(agent.model, agent.policy, obs, plan_mean, key_act, args, eval_mode=True)
+                env_state, obs, reward, cost, terminated, truncated, _ = eval_env.step(env_state, action, key_env)
+                total_return, total_cost = total_return + (~done) * reward, total_cost + (~done) * cost
+                return (env_state, obs, plan_mean, done | terminated | truncated, total_return, total_cost), None
+
+            zeros = jnp.zeros(n)
+            carry = (env_state, obs, plan_mean, zeros > 0, zeros, zeros)
+            carry, _ = jax.lax.scan(eval_step, carry, jax.random.split(key, eval_env.episode_steps))
+            return carry[-2], carry[-1]
+
+        rounds = -(-args.eval_episodes // eval_env.num_envs)
+        returns, costs = jax.lax.map(episode_batch, jax.random.split(key, rounds))
+        return returns.reshape(-1)[:args.eval_episodes], costs.reshape(-1)[:args.eval_episodes]
+
+    return Train(init, step, run, evaluate)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Driver: input checks, run directory, logging, evaluation, checkpoints
+
+JAX_ENVS = {jax_env.ENV_ID: jax_env}  # the project's pure-JAX tasks, by env id
+RESUMABLE_FLAGS = {"total_timesteps", "resume", "log_dir", "progress_bar", "track"}  # may differ on --resume
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_args(args):
+    """Raises ValueError naming the offending flag.  Runs before any env starts or anything compiles."""
+    positive = ["total_timesteps", "num_seeds", "num_envs", "log_every", "eval_every", "eval_episodes",
+                "checkpoint_every", "action_repeat", "buffer_size", "utd_ratio", "batch_size", "latent_dim", "mlp_dim",
+                "enc_dim", "num_enc_layers", "simnorm_dim", "num_q", "num_cost_heads", "num_bins", "horizon",
+                "iterations", "num_samples", "num_pi_trajs", "num_elites", "q_subsample", "cost_subsample",
+                "ci_resamples", "lr", "tau", "gamma", "cost_gamma", "temperature", "min_std", "penalty_init"]
+    for name in positive:
+        if not getattr(args, name) > 0:
+            raise ValueError(f"{flag(name)} must be positive, got {getattr(args, name)}")
+    for name in ["learning_starts", "lagrange_init", "penalty_growth", "dropout", "cost_dropout"]:
+        if not getattr(args, name) >= 0:
+            raise ValueError(f"{flag(name)} must not be negative, got {getattr(args, name)}")
+    for small, large in [("num_elites", "num_samples"), ("q_subsample", "num_q"), ("cost_subsample", "num_cost_heads"),
+                         ("min_std", "max_std"), ("log_std_min", "log_std_max"), ("vmin", "vmax")]:
+        if getattr(args, small) > getattr(args, large):
+            raise ValueError(f"{flag(small)} ({getattr(args, small)}) must not exceed {flag(large)} "
+                             f"({getattr(args, large)})")
+    if args.num_pi_trajs >= args.num_samples:
+        raise ValueError(f"--num-pi-trajs ({args.num_pi_trajs}) must be below --num-samples ({args.num_samples})")
+    if args.latent_dim % args.simnorm_dim:
+        raise ValueError(f"--latent-dim ({args.latent_dim}) must be a multiple of --simnorm-dim ({args.simnorm_dim})")
+    if args.buffer_size // args.num_envs <= args.horizon + 1:
+        raise ValueError(f"--buffer-size ({args.buffer_size}) must hold more than horizon+1 steps per env")
+    if args.env_id in JAX_ENVS:
+        if args.capture_video:
+            raise ValueError(f"--capture-video needs a Safety-Gymnasium task, not --env-id {args.env_id}")
+    else:
+        check_env_id(args.env_id)
+        if args.num_seeds > 1:
+            raise ValueError(f"--num-seeds > 1 needs a pure-JAX env ({', '.join(JAX_ENVS)}), not {args.env_id}")
+    if args.track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("--track needs Weights & Biases: pip install wandb") from None
+
+
+def prepare_run(args, cli_flags):
+    """Resolve --resume and --log-dir into (args, run directory, resuming?).  Never touches an existing run."""
+    if args.resume is None:
+        check_args(args)
+        log_dir = args.log_dir or f"runs/{args.env_id}__{args.seed}__{int(time.time())}"
+        if os.path.exists(log_dir):
+            raise ValueError(f"--log-dir {log_dir} already exists (continue it with --resume {log_dir})")
+        return dataclasses.replace(args, log_dir=log_dir), False
+    config_path = os.path.join(args.resume, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"--resume {args.resume}: no run directory with a config.json there")
+    if args.log_dir is not None and os.path.abspath(args.log_dir) != os.path.abspath(args.resume):
+        raise ValueError(f"--log-dir {args.log_dir} must be the --resume directory {args.resume} (or left out)")
+    with open(config_path) as f:
+        saved = Args(**json.load(f))
+    for name in cli_flags - RESUMABLE_FLAGS:
+        if getattr(args, name) != getattr(saved, name):
+            raise ValueError(f"{flag(name)} differs from the saved config of {args.resume}; leave it out to resume")
+    overrides = {name: getattr(args, name) for name in cli_flags & {"total_timesteps", "progress_bar", "track"}}
+    args = dataclasses.replace(saved, resume=args.resume, log_dir=args.resume, **overrides)
+    check_args(args)
+    return args, True
+
+
+def save_checkpoint(run_dir, runner, counters):
+    """Everything to continue the run -- parameters, optimiser and Lagrangian state, replay buffer, PRNG key and
+    counters -- as one `checkpoint.npz`, written under a temporary name and renamed (atomic)."""
+    path = os.path.join(run_dir, "checkpoint.npz")
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, counters=json.dumps(counters), *jax.device_get(jax.tree.leaves(runner)))
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(run_dir, template):
+    """The saved runner (into the structure of `template`) and counters."""
+    with np.load(os.path.join(run_dir, "checkpoint.npz")) as data:
+        leaves = [data[f"arr_{i}"] for i in range(len(data.files) - 1)]
+        counters = json.loads(str(data["counters"]))
+    treedef = jax.tree.structure(template)
+    if len(leaves) != treedef.num_leaves:
+        raise ValueError(f"--resume {run_dir}: the checkpoint does not match this code's agent")
+    return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves]), counters
+
+
+def continue_episodes(restored, fresh):
+    """A restored runner continuing in host envs that were just reset: take their fresh observations, and mark the
+    last stored entry as an episode end (truncated) so no loss spans the gap."""
+    last = (restored.buffer.position - 1) % restored.buffer.truncated.shape[1]
+    buffer = restored.buffer._replace(truncated=restored.buffer.truncated.at[:, last].set(True))
+    buffer = replay.add(buffer, fresh.obs, jnp.zeros_like(fresh.plan_mean[:, 0]), fresh.episode_return,
+                        fresh.episode_cost, fresh.ended, fresh.ended)
+    return restored._replace(buffer=buffer, obs=fresh.obs, ended=fresh.ended, plan_mean=fresh.plan_mean,
+                             episode_return=fresh.episode_return, episode_cost=fresh.episode_cost)
+
+
+class Logger:
+    """One JSON object per row appended to <run>/metrics.jsonl, the same scalars as TensorBoard events (a writer per
+    seed when several train at once), and W&B with --track."""
+
+    def __init__(self, args):
+        from tensorboardX import SummaryWriter
+
+        self.path = os.path.join(args.log_dir, "metrics.jsonl")
+        seeds = [args.seed + i for i in range(args.num_seeds)]
+        self.writers = {s: SummaryWriter(args.log_dir if args.num_seeds == 1 else f"{args.log_dir}/seed_{s}")
+                        for s in seeds}
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project, config=dataclasses.asdict(args), dir=args.log_dir,
+                                    name=os.path.basename(os.path.normpath(args.log_dir)), resume="allow")
+
+    def write(self, rows):
+        with open(self.path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        for row in rows:
+            for tag, value in row.items():
+                if tag not in ("global_step", "seed"):
+                    self.writers[row["seed"]].add_scalar(tag, value, row["global_step"])
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in row.items() if k != "global_step"}, step=row["global_step"])
+
+    def close(self):
+        for writer in self.writers.values():
+            writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+LOSS_NAMES = {"consistency": "losses/consistency", "reward": "losses/reward", "value": "losses/value",
+              "cost": "losses/cost", "cost_value": "losses/cost_value", "model_loss": "losses/model",
+              "policy_loss": "losses/policy", "reward_loss": "losses/policy_reward", "psi": "losses/psi",
+              "delta": "lagrange/delta", "scale": "policy/scale", "entropy": "policy/entropy",
+              "q_target": "values/q_target", "cost_value_target": "values/cost_value_target"}
+
+
+class Tracker:
+    """Accumulates one seed's per-step scan outputs between log rows."""
+
+    def __init__(self):
+        self.sums, self.learning_steps, self.returns, self.costs = {}, 0, [], []
+
+    def add(self, metrics):  # metrics: this seed's chunk outputs, numpy arrays with a leading step axis
+        active = metrics["active"]
+        learning = active & metrics["learning"]
+        for name in [*LOSS_NAMES, "used_plan"]:
+            self.sums[name] = self.sums.get(name, 0.0) + float(metrics[name][learning].sum())
+        self.learning_steps += int(learning.sum())
+        ended = metrics["ended"] & active[:, None]
+        self.returns += metrics["episode_return"][ended].tolist()
+        self.costs += metrics["episode_cost"][ended].tolist()
+        if active.any():
+            self.last = {"lagrange/lambda": float(metrics["multiplier"][active][-1]),
+                         "lagrange/mu": float(metrics["penalty"][active][-1])}
+
+    def row(self):
+        row = dict(getattr(self, "last", {}))
+        if self.learning_steps:
+            row.update({LOSS_NAMES[n]: self.sums[n] / self.learning_steps for n in LOSS_NAMES})
+            row["plan/balance"] = self.sums["used_plan"] / self.learning_steps
+        if self.returns:
+            row.update({"train/episode_return": float(np.mean(self.returns)),
+                        "train/episode_cost": float(np.mean(self.costs))})
+        self.__init__()
+        return row
+
+
+def record_video(args, agent, path, key):
+    """One eval-mode episode on a rendering env (skybox included), saved as an mp4."""
+    import imageio
+
+    env = make_env(args.env_id, args.action_repeat, args.seed + 20_000, render=True)
+    policy_act = jax.jit(functools.partial(act, cfg=args, eval_mode=True))
+    obs, _ = env.reset()
+    plan_mean = jnp.zeros((1, args.horizon, env.action_space.shape[0]))
+    frames = [env.render()]
+    for _ in range(-(-1000 // args.action_repeat)):
+        key, key_act = jax.random.split(key)
+        action, plan_mean, _ = policy_act(agent.model, agent.policy, obs[None], plan_mean, key_act)
+        obs, _, _, _, info = env.step(np.asarray(action[0]))
+        frames.append(env.render())
+        if info["terminated"] or info["truncated"]:
+            break
+    env.close()
+    imageio.mimsave(path, frames, fps=30)
+
+
+def make_envs(args):
+    """Training and eval envs: the same batched interface over a pure-JAX task or Safety-Gymnasium workers."""
+    num_eval = min(args.eval_episodes, args.num_envs)
+    if args.env_id in JAX_ENVS:
+        module = JAX_ENVS[args.env_id]
+        return pure_env(module, args.num_envs), pure_env(module, num_eval), []
+    vector_envs = [make_vector_env(args.env_id, args.num_envs, args.seed, args.action_repeat),
+                   make_vector_env(args.env_id, num_eval, args.seed + 10_000, args.action_repeat)]
+    obs_dim, action_dim = vector_envs[0].single_observation_space.shape[0], vector_envs[0].single_action_space.shape[0]
+    episode_steps = -(-vector_envs[0].get_attr("spec")[0].max_episode_steps // args.action_repeat)
+    envs = [host_env(v, obs_dim, action_dim, args.action_repeat, episode_steps) for v in vector_envs]
+    return *envs, vector_envs
+
+
+def train(args, resuming):
+    """Run (or continue) training in args.log_dir: scanned chunks between log / eval / checkpoint points."""
+    os.makedirs(args.log_dir, exist_ok=True)
+    if not resuming:
+        with open(os.path.join(args.log_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+    env, eval_env, vector_envs = make_envs(args)
+    fns = make_train(args, env, eval_env)
+    init, run, evaluate = fns.init, fns.run, fns.evaluate
+    seeds = args.num_seeds > 1
+    if seeds:  # several seeds in one program: vmap everything over a leading seed axis
+        init, run, evaluate = jax.vmap(init), jax.vmap(run, in_axes=(0, None)), jax.vmap(evaluate)
+    init, run, evaluate = jax.jit(init), jax.jit(run), jax.jit(evaluate)
+    keys = jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
+    key = keys if seeds else keys[0]
+    runner = init(key)
+    counters = {"next_log": args.log_every, "next_eval": args.eval_every, "next_checkpoint": args.checkpoint_every}
+    if resuming:
+        restored, counters = load_checkpoint(args.log_dir, runner)
+        runner = continue_episodes(restored, runner) if vector_envs else restored
+    step = lambda: int(np.max(jax.device_get(runner.global_step)))  # noqa: E731  (equal over seeds)
+    logger, trackers = Logger(args), [Tracker() for _ in range(args.num_seeds)]
+    bar = None
+    if args.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.total_timesteps, initial=min(step(), args.total_timesteps), unit="step",
+                   dynamic_ncols=True)
+    last_time, last_step, eval_note = time.time(), step(), ""
+    try:
+        while step() < args.total_timesteps:
+            stop_at = min(counters["next_log"], counters["next_eval"], counters["next_checkpoint"],
+                          args.total_timesteps)
+            runner, metrics = run(runner, stop_at)
+            metrics = jax.device_get(metrics)
+            for i, tracker in enumerate(trackers):
+                tracker.add(jax.tree.map(lambda x: x[i], metrics) if seeds else metrics)
+            now = step()
+            if bar is not None:
+                bar.update(min(now, args.total_timesteps) - bar.n)
+            if now < stop_at:
+                continue  # resets slowed this chunk: keep going to the event
+            done = now >= args.total_timesteps
+            fired = {name for name, every in [("log", args.log_every), ("eval", args.eval_every),
+                                               ("checkpoint", args.checkpoint_every)]
+                     if done or now >= counters["next_" + name]}
+            for name in fired:
+                every = getattr(args, f"{name}_every")
+                counters["next_" + name] = (now // every + 1) * every
+            rows = [{"global_step": now, "seed": args.seed + i} for i in range(args.num_seeds)]
+            if "log" in fired:
+                sps = (now - last_step) / (time.time() - last_time)
+                last_time, last_step = time.time(), now
+                total_cost = np.reshape(jax.device_get(runner.total_cost), -1)
+                for i, row in enumerate(rows):
+                    row.update(trackers[i].row(), **{"train/cost_rate": float(total_cost[i]) / now, "charts/SPS": sps})
+            if "eval" in fired:
+                key, eval_key = jax.random.split(jax.random.PRNGKey(now + args.seed))
+                returns, costs = jax.device_get(evaluate(runner.agent, jnp.stack([eval_key] * args.num_seeds)
+                                                         if seeds else eval_key))
+                returns, costs = np.reshape(returns, (args.num_seeds, -1)), np.reshape(costs, (args.num_seeds, -1))
+                for i, row in enumerate(rows):
+                    row.update({"eval/return_mean": float(returns[i].mean()), "eval/return_std": float(returns[i].std()),
+                                "eval/cost_mean": float(costs[i].mean()), "eval/cost_std": float(costs[i].std())})
+                eval_note = f"eval return {returns.mean():.1f} cost {costs.mean():.1f}"
+                if args.capture_video:
+                    os.makedirs(os.path.join(args.log_dir, "videos"), exist_ok=True)
+                    record_video(args, runner.agent, os.path.join(args.log_dir, "videos", f"eval_{now}.mp4"), key)
+            logger.write(rows)
+            if "checkpoint" in fired:
+                save_checkpoint(args.log_dir, runner, counters)
+            if bar is not None:
+                bar.set_postfix_str(f"{(now - last_step) / max(time.time() - last_time, 1e-9):.0f} sps"
+                                    if "log" not in fired else f"{rows[0].get('charts/SPS', 0):.0f} sps {eval_note}")
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+        for v in vector_envs:
+            v.close()
+    return runner
+
+
+def main():
+    args = tyro.cli(Args)
+    cli_flags = {a[2:].split("=")[0].replace("-", "_") for a in os.sys.argv[1:] if a.startswith("--")}
+    try:
+        args, resuming = prepare_run(args, cli_flags & {f.name for f in dataclasses.fields(Args)})
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    train(args, resuming)
+
+
+if __name__ == "__main__":
+    main()
