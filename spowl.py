@@ -85,8 +85,8 @@ class Args:
     """raw env steps per agent step (reward and cost summed); Safety-Gymnasium only"""
     buffer_size: int = 1_000_000
     """replay capacity in transitions, in total over envs"""
-    utd_ratio: int = 1
-    """gradient updates per agent transition collected (num-envs x this per vector step)"""
+    utd_ratio: float = 1.0
+    """gradient updates per agent transition collected (num-envs x this, an integer, per vector step)"""
     batch_size: int = 256
     """windows of horizon+1 steps per gradient update"""
 
@@ -508,7 +508,7 @@ def make_train(args, env, eval_env):
             key_sample, key_update = jax.random.split(key)
             return update(agent, replay.sample(buffer, key_sample, args.batch_size, horizon), key_update, args)
 
-        agent, info = jax.lax.scan(one_update, agent, jax.random.split(key, num_envs * args.utd_ratio))
+        agent, info = jax.lax.scan(one_update, agent, jax.random.split(key, round(num_envs * args.utd_ratio)))
         return agent, jax.tree.map(jnp.mean, info)
 
     def step(runner):
@@ -609,6 +609,9 @@ def check_args(args):
         if getattr(args, small) > getattr(args, large):
             raise ValueError(f"{flag(small)} ({getattr(args, small)}) must not exceed {flag(large)} "
                              f"({getattr(args, large)})")
+    if (args.num_envs * args.utd_ratio) % 1:
+        raise ValueError(f"--num-envs x --utd-ratio ({args.num_envs} x {args.utd_ratio}) must be a whole number of "
+                         "updates per vector step")
     if args.num_pi_trajs >= args.num_samples:
         raise ValueError(f"--num-pi-trajs ({args.num_pi_trajs}) must be below --num-samples ({args.num_samples})")
     if args.latent_dim % args.simnorm_dim:

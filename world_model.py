@@ -30,7 +30,7 @@ def two_hot(x, cfg):
     """Encode scalars (...) as two-hot vectors (..., num_bins) over bins evenly spaced in symlog space."""
     bin_size = (cfg.vmax - cfg.vmin) / (cfg.num_bins - 1)
     position = (jnp.clip(symlog(x), cfg.vmin, cfg.vmax) - cfg.vmin) / bin_size
-    lower = jnp.clip(jnp.floor(position), 0, cfg.num_bins - 2)
+    lower = jnp.clip(jnp.floor(position), 0, cfg.num_bins - 2).astype(jnp.int32)
     upper_weight = (position - lower)[..., None]
     lower_hot = jax.nn.one_hot(lower, cfg.num_bins)
     upper_hot = jax.nn.one_hot(lower + 1, cfg.num_bins)

@@ -1,0 +1,298 @@
+"""Tests of SPOWL: the math, the components against the paper's equations and algorithms, and the training loop.
+
+    pytest -q test_spowl.py              # everything (CPU, about 10 minutes on 2 cores)
+    pytest -q test_spowl.py -k learn     # only the learning test on the pure-JAX env
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import buffer as replay
+import jax_env
+import spowl
+from planner import act, select_elites
+from policy import augmented_lagrangian, init_policy, update_multipliers
+from world_model import (WorldModel, decode, simnorm, symexp, symlog, two_hot, world_model_loss)
+
+# A small model that compiles and runs quickly on a CPU.
+TINY = spowl.Args(latent_dim=32, mlp_dim=64, enc_dim=32, num_samples=32, num_pi_trajs=4, num_elites=8, iterations=2,
+                  batch_size=32, ci_resamples=200)
+OBS_DIM, ACTION_DIM = 12, 2
+
+
+def random_batch(key, args, obs_dim=OBS_DIM, action_dim=ACTION_DIM):
+    h, b = args.horizon, args.batch_size
+    keys = jax.random.split(key, 4)
+    return replay.Batch(obs=jax.random.normal(keys[0], (h + 1, b, obs_dim)),
+                        action=jax.random.uniform(keys[1], (h, b, action_dim), minval=-1, maxval=1),
+                        reward=jax.random.uniform(keys[2], (h, b)), cost=jax.random.bernoulli(keys[3], 0.2, (h, b)) * 1.0,
+                        terminated=jnp.zeros((h, b)), valid=jnp.ones((h, b), bool))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Math helpers
+
+
+def test_simnorm_groups_sum_to_one():
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 64)) * 5
+    groups = simnorm(x, 8).reshape(3, 8, 8)
+    np.testing.assert_allclose(groups.sum(-1), 1.0, rtol=1e-5)
+    assert (groups >= 0).all()
+
+
+def test_symlog_symexp_are_inverse():
+    x = jnp.array([-1e4, -3.7, -1e-3, 0.0, 2e-4, 1.0, 42.0, 1e4])
+    np.testing.assert_allclose(symexp(symlog(x)), x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(symlog(symexp(x[2:-1])), x[2:-1], rtol=1e-5, atol=1e-6)
+
+
+def test_two_hot_round_trip_and_clipping():
+    x = jnp.array([-500.0, -7.3, -0.05, 0.0, 0.31, 1.0, 12.5, 9000.0])
+    encoded = two_hot(x, TINY)
+    np.testing.assert_allclose(encoded.sum(-1), 1.0, rtol=1e-6)
+    assert ((encoded > 0).sum(-1) <= 2).all()
+    np.testing.assert_allclose(decode(jnp.log(encoded + 1e-30), TINY), x, rtol=1e-3, atol=1e-5)
+    # Beyond the support the encoding saturates at the outermost bins.
+    edge = two_hot(jnp.array([1e9, -1e9]), TINY)
+    assert edge[0, -1] == 1.0 and edge[1, 0] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# World model and update
+
+
+def test_world_model_loss_drops_on_a_fixed_batch():
+    args = TINY
+    agent = spowl.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
+    batch = random_batch(jax.random.PRNGKey(1), args)
+    update = jax.jit(spowl.update, static_argnums=3)
+    losses = []
+    for i in range(300):
+        agent, info = update(agent, batch, jax.random.PRNGKey(i), args)
+        losses.append(float(info["model_loss"]))
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-10:]) <= 0.5 * losses[0], (losses[0], losses[-10:])
+
+
+def test_no_loss_term_spans_an_episode_boundary():
+    """Whatever lies across a boundary (valid=False) -- action, reward, cost, targets -- changes no loss term."""
+    args = TINY
+    model = spowl.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM).model
+    # Give the heads non-zero output layers, so every term depends on its inputs.
+    leaves, treedef = jax.tree.flatten(model)
+    keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
+    model = jax.tree.unflatten(treedef, [w + 0.1 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)])
+    batch = random_batch(jax.random.PRNGKey(1), args)
+    valid = jnp.ones_like(batch.valid).at[1, :5].set(False).at[0, 7].set(False)
+    batch = batch._replace(valid=valid)
+    h, b = batch.reward.shape
+    z_next = jax.random.uniform(jax.random.PRNGKey(2), (h, b, args.latent_dim))
+    q, qc = jnp.ones((h, b)), jnp.ones((h, b))
+
+    def loss(batch, q, qc):
+        total, (terms, _) = world_model_loss(model, batch, z_next, q, qc, jax.random.PRNGKey(3), args)
+        return total, terms
+
+    base_total, base_terms = loss(batch, q, qc)
+    crossed = ~valid
+    garbage = batch._replace(action=jnp.where(crossed[..., None], 0.9, batch.action),
+                             reward=jnp.where(crossed, 1e3, batch.reward), cost=jnp.where(crossed, 5.0, batch.cost))
+    total, terms = loss(garbage, jnp.where(crossed, -1e3, q), jnp.where(crossed, 1e3, qc))
+    for name in base_terms:
+        np.testing.assert_allclose(terms[name], base_terms[name], rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(total, base_total, rtol=1e-6)
+    # ...while the same change on valid steps does change the loss.
+    changed, _ = loss(batch._replace(reward=batch.reward + 3.0), q, qc)
+    assert abs(float(changed) - float(base_total)) > 1e-4
+
+
+def test_update_and_planner_do_not_retrace():
+    args = TINY
+    traces = {"update": 0, "act": 0}
+
+    def counted_update(*a):
+        traces["update"] += 1
+        return spowl.update(*a)
+
+    def counted_act(*a):
+        traces["act"] += 1
+        return act(*a)
+
+    update = jax.jit(counted_update, static_argnums=3)
+    plan = jax.jit(counted_act, static_argnums=(5, 6))
+    agent = spowl.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
+    mean = jnp.zeros((2, args.horizon, ACTION_DIM))
+    for i in range(3):  # new values every call, and a fresh but equal config
+        cfg = dataclasses.replace(args)
+        agent, _ = update(agent, random_batch(jax.random.PRNGKey(i), args), jax.random.PRNGKey(i), cfg)
+        obs = jax.random.normal(jax.random.PRNGKey(10 + i), (2, OBS_DIM))
+        _, mean, _ = plan(agent.model, agent.policy, obs, mean, jax.random.PRNGKey(i), cfg, False)
+    assert traces == {"update": 1, "act": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Safe policy: Augmented Lagrangian (Eq. 10, SPEC 7)
+
+
+def test_augmented_lagrangian_matches_hand_computed_values():
+    cfg = dataclasses.replace(TINY, penalty_growth=0.5, lagrange_max=10.0, penalty_max=1.0)
+    # Active branch: lambda + mu Delta = 0.5 + 0.2 * 2 = 0.9 > 0 -> lambda Delta + mu/2 Delta^2 = 1 + 0.4.
+    np.testing.assert_allclose(augmented_lagrangian(2.0, 0.5, 0.2), 1.4, rtol=1e-6)
+    multiplier, penalty = update_multipliers(0.5, 0.2, 2.0, cfg)
+    np.testing.assert_allclose([multiplier, penalty], [0.9, 0.3], rtol=1e-6)
+    # Inactive branch: 0.5 + 0.2 * (-5) = -0.5 <= 0 -> -lambda^2 / (2 mu) = -0.625, and lambda clips to 0.
+    np.testing.assert_allclose(augmented_lagrangian(-5.0, 0.5, 0.2), -0.625, rtol=1e-6)
+    multiplier, penalty = update_multipliers(0.5, 0.2, -5.0, cfg)
+    np.testing.assert_allclose([multiplier, penalty], [0.0, 0.3], rtol=1e-6)
+    # Bounds: lambda <= lagrange_max, mu <= penalty_max.
+    multiplier, penalty = update_multipliers(9.0, 0.9, 100.0, cfg)
+    np.testing.assert_allclose([multiplier, penalty], [10.0, 1.0], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Planner: SelectElites (Alg. 1), safe planning and the switch (Alg. 2)
+
+
+def test_select_elites_follows_algorithm_1():
+    is_prior = jnp.arange(8) < 2
+    value = jnp.array([1.0, 1.0, 0.0, 5.0, 3.0, 4.0, 2.0, 6.0])
+    cost = jnp.array([1.0, 1.0, 9.0, 0.5, 0.0, 2.0, 1.0, 0.9])
+    # Empty improvement set -> the policy prior.
+    elites, score = select_elites(value, cost, 10.0, 1.0, is_prior, 3)
+    assert elites.tolist() == is_prior.tolist()
+    np.testing.assert_array_equal(score, value)
+    # J >= 1 and J_c <= 1 holds for {0, 1, 3, 4, 6, 7}: more than k=3 -> the top 3 by J: {3, 4, 7}.
+    elites, _ = select_elites(value, cost, 1.0, 1.0, is_prior, 3)
+    assert np.flatnonzero(elites).tolist() == [3, 4, 7]
+    # At most k -> all of them.
+    elites, _ = select_elites(value, cost, 1.0, 1.0, is_prior, 6)
+    assert np.flatnonzero(elites).tolist() == [0, 1, 3, 4, 6, 7]
+    # Without the cap, all six even for k=3.
+    elites, _ = select_elites(value, cost, 1.0, 1.0, is_prior, 3, restrict=False)
+    assert np.flatnonzero(elites).tolist() == [0, 1, 3, 4, 6, 7]
+
+
+class Fixed(eqx.Module):
+    """A stand-in network computing a hand-written function."""
+
+    fn: object = eqx.field(static=True)
+
+    def __call__(self, x, key=None):
+        return self.fn(x)
+
+
+class StackedHeads(eqx.Module):
+    """n fixed heads, head j computing the logits of fn(a, j); `weights` carries the head axis `ensemble_apply`
+    maps over."""
+
+    index: jax.Array
+    fn: object = eqx.field(static=True)
+    args: object = eqx.field(static=True)
+
+    @property
+    def weights(self):
+        return [self.index]
+
+    def __call__(self, x, key=None):
+        return jnp.log(two_hot(self.fn(x[..., -1], self.index), self.args) + 1e-30)
+
+
+def hand_built_model(args, reward, cost, q, cost_value):
+    """Identity encoder and dynamics; reward and cost are functions of the (one-dimensional) action, Q and Q^c of the
+    action and the head index j."""
+    heads = lambda fn: StackedHeads(jnp.arange(5.0), fn, args)  # noqa: E731
+    reward_logits = lambda x: jnp.log(two_hot(reward(x[..., -1]), args) + 1e-30)  # noqa: E731
+    return WorldModel(encoder=Fixed(lambda obs: obs), dynamics=Fixed(lambda x: x[..., :args.latent_dim]),
+                      reward=Fixed(reward_logits), cost=heads(lambda a, j: cost(a)), q=heads(q),
+                      cost_value=heads(cost_value))
+
+
+def zero_policy(args):
+    """A policy whose actions are ~0: zero weights -> mean 0, log-std -4."""
+    return jax.tree.map(jnp.zeros_like, init_policy(jax.random.PRNGKey(0), args, 1))
+
+
+def plan_actions(model, args, num_envs=8, key=0):
+    obs = jnp.zeros((num_envs, args.latent_dim))
+    mean = jnp.zeros((num_envs, args.horizon, 1))
+    action, _, info = act(model, zero_policy(args), obs, mean, jax.random.PRNGKey(key), args, eval_mode=True)
+    return np.asarray(action[:, 0]), np.asarray(info["used_plan"])
+
+
+def test_safe_planner_avoids_a_high_reward_high_cost_action_that_tdmpc2_takes():
+    # Reward grows with the action; the same actions beyond 0.5 cost 1 per step. Values are flat.
+    model = hand_built_model(TINY, reward=lambda a: 2 * a, cost=lambda a: (a > 0.5) * 1.0,
+                             q=lambda a, j: 0 * a, cost_value=lambda a, j: 0 * a)
+    args = dataclasses.replace(TINY, num_samples=128, num_pi_trajs=8, num_elites=16, iterations=4, act="plan")
+    safe, _ = plan_actions(model, dataclasses.replace(args, planner="spowl"))
+    unsafe, _ = plan_actions(model, dataclasses.replace(args, planner="tdmpc2"))
+    assert (safe <= 0.5).all() and (safe > 0.05).mean() > 0.5, safe  # improves on the prior, stays cost-free
+    assert (unsafe > 0.5).all(), unsafe
+    cce, _ = plan_actions(model, dataclasses.replace(args, planner="cce", cce_threshold=0.1))
+    assert (cce <= 0.5).all(), cce
+
+
+def test_switch_rejects_plans_worse_than_the_policy_action():
+    """Head j of Q / Q^c is slope * a + offset_j, offsets (-2..2): the policy action (~0) has ensemble mean 0 and a
+    bootstrap interval of about +-1.2; the planner (reward = a) proposes a ~ 1."""
+    offsets = lambda j: (j - 2.0)  # noqa: E731
+    args = dataclasses.replace(TINY, num_samples=64, num_elites=8, iterations=3, q_subsample=5, act="switch")
+
+    def used_plan(q_slope, c_slope, rule):
+        model = hand_built_model(args, reward=lambda a: a, cost=lambda a: 0 * a,
+                                 q=lambda a, j: q_slope * a + offsets(j), cost_value=lambda a, j: c_slope * a + offsets(j))
+        action, used = plan_actions(model, dataclasses.replace(args, switch_rule=rule))
+        assert (action[used] > 0.2).all() and (np.abs(action[~used]) < 0.1).all(), action  # plan or policy action
+        return used
+
+    assert used_plan(0.5, -0.5, "ci").all()  # better value, lower cost: the plan
+    assert not used_plan(-3.0, 0.0, "ci").any()  # Q below the policy's lower bound: the policy
+    assert not used_plan(0.0, 3.0, "ci").any()  # Q^c above the policy's upper bound: the policy
+    # Slightly worse than the policy's averages but inside its interval: the authors' rule keeps the plan,
+    # the paper's plain comparison (Alg. 2) does not.
+    assert used_plan(-0.2, 0.2, "ci").all()
+    assert not used_plan(-0.2, 0.0, "mean").any()
+    assert not used_plan(0.0, 0.2, "mean").any()
+    assert used_plan(0.2, -0.2, "mean").all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Replay buffer
+
+
+def fill(buffer, steps, episode_length):
+    """Entries numbered by time; every `episode_length`-th is truncated."""
+    e = buffer.obs.shape[0]
+    for t in range(steps):
+        value = jnp.full((e,), float(t))
+        buffer = replay.add(buffer, jnp.broadcast_to(value[:, None], buffer.obs.shape[::2]), jnp.zeros((e, 1)),
+                            value, value, jnp.zeros(e, bool), jnp.full(e, t % episode_length == episode_length - 1))
+    return buffer
+
+
+def test_buffer_windows_are_consecutive_and_mask_episode_ends():
+    buffer = fill(replay.init(2, 50, 1, 1), 37, episode_length=7)
+    batch = replay.sample(buffer, jax.random.PRNGKey(0), 512, 3)
+    t = np.asarray(batch.obs[..., 0])  # (H+1, B) entry numbers
+    np.testing.assert_array_equal(np.diff(t, axis=0), 1)
+    assert t.min() >= 0 and t.max() <= 36
+    np.testing.assert_array_equal(batch.reward, t[1:])  # reward t leads to obs t+1
+    np.testing.assert_array_equal(batch.valid, (t[:-1] % 7) != 6)  # step t crosses when entry t ended
+    assert not batch.valid.all()
+
+
+def test_buffer_is_fifo_and_windows_never_straddle_the_write_pointer():
+    buffer = fill(replay.init(1, 20, 1, 1), 53, episode_length=1000)  # holds entries 33..52
+    assert int(buffer.size) == 20
+    t = np.asarray(replay.sample(buffer, jax.random.PRNGKey(1), 2048, 3).obs[..., 0])
+    assert t.min() == 33 and t.max() == 52
+    np.testing.assert_array_equal(np.diff(t, axis=0), 1)
