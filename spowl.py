@@ -880,6 +880,8 @@ def train(args, resuming):
 
 def main():
     args = tyro.cli(Args)
+    if args.capture_video:  # must precede the first import of mujoco
+        os.environ.setdefault("MUJOCO_GL", "egl")
     cli_flags = {a[2:].split("=")[0].replace("-", "_") for a in os.sys.argv[1:] if a.startswith("--")}
     try:
         args, resuming = prepare_run(args, cli_flags & {f.name for f in dataclasses.fields(Args)})

@@ -296,3 +296,147 @@ def test_buffer_is_fifo_and_windows_never_straddle_the_write_pointer():
     t = np.asarray(replay.sample(buffer, jax.random.PRNGKey(1), 2048, 3).obs[..., 0])
     assert t.min() == 33 and t.max() == 52
     np.testing.assert_array_equal(np.diff(t, axis=0), 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Safety-Gymnasium adapter (SPEC 1)
+
+SG_ENV = "SafetyPointGoal1-v0"
+SG_EPISODE = 1000 // 5  # agent steps per episode at action repeat 5
+
+
+def rollout(cheap_reset, num_steps):
+    """Observations, rewards, costs and step infos for a fixed seed and action sequence, across one reset."""
+    env = spowl.make_env(SG_ENV, action_repeat=5, seed=7)
+    env.cheap_reset = cheap_reset
+    rng = np.random.default_rng(0)
+    obs, rewards, costs, infos = [env.reset()[0]], [], [], []
+    for _ in range(num_steps):
+        # Forward-biased actions so the robot crosses hazards and the costs are not all zero.
+        o, r, _, _, info = env.step(np.clip(rng.normal(0.4, 0.6, 2), -1, 1))
+        obs.append(o), rewards.append(r), costs.append(info.pop("cost")), infos.append(info)
+    return np.stack(obs), np.array(rewards), np.array(costs), infos
+
+
+def test_cheap_reset_is_bit_identical():
+    """Leaving out the skybox changes only the textures: observations, rewards and costs match bit for bit."""
+    num_steps = SG_EPISODE + 40  # 1,000 raw steps, the auto-reset (a model rebuild) and 200 raw steps after it
+    shipped, cheap = rollout(False, num_steps), rollout(True, num_steps)
+    assert cheap[2].sum() > 0
+    for a, b in zip(shipped, cheap):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_next_step_auto_reset():
+    """The final observation comes with its flag; the next step ignores its action and returns the reset obs."""
+    import functools
+
+    import gymnasium
+
+    envs = gymnasium.vector.SyncVectorEnv([functools.partial(spowl.make_env, SG_ENV, 5, seed) for seed in (0, 1)])
+    obs, _ = envs.reset()
+    for t in range(SG_EPISODE):
+        obs, reward, cost, terminated, truncated, raw_steps = spowl.vector_step(envs, np.zeros((2, 2), np.float32))
+        assert not terminated.any() and truncated.all() == (t == SG_EPISODE - 1) and (raw_steps == 5).all()
+    final_obs = obs
+    # NaN actions would trip the action rescaling if they were used.
+    obs, reward, cost, terminated, truncated, raw_steps = spowl.vector_step(envs, np.full((2, 2), np.nan, np.float32))
+    assert obs.dtype == np.float32 and obs.shape == final_obs.shape and not np.array_equal(obs, final_obs)
+    assert (reward == 0).all() and (cost == 0).all() and not (terminated | truncated).any() and (raw_steps == 0).all()
+    assert all(env.unwrapped.steps == 0 for env in envs.envs)  # a fresh episode, not a continued one
+    *_, raw_steps = spowl.vector_step(envs, np.zeros((2, 2), np.float32))
+    assert (raw_steps == 5).all()
+
+
+@pytest.mark.parametrize("env_id", ["SafetyPointGoal1Vision-v0", "SafetyCarPush2Vision-v0", "Foo-v0",
+                                    "SafetyPointGoal1Debug-v0", "SafetyPointGoal1Gymnasium-v0"])
+def test_check_env_id_rejects(env_id):
+    with pytest.raises(ValueError, match="--env-id"):
+        spowl.check_env_id(env_id)
+
+
+def test_check_env_id_accepts_the_table_1_tasks():
+    for env_id in ["SafetyPointGoal1-v0", "SafetyPointGoal2-v0", "SafetyPointPush1-v0", "SafetyPointButton1-v0",
+                   "SafetyCarGoal1-v0", "SafetyDoggoGoal1-v0", "SafetyAntGoal1-v0"]:
+        spowl.check_env_id(env_id)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training loop end to end (spowl.py as a script)
+
+TINY_FLAGS = ["--latent-dim", "32", "--mlp-dim", "64", "--enc-dim", "32", "--num-samples", "32", "--num-pi-trajs", "4",
+              "--num-elites", "8", "--iterations", "2", "--batch-size", "32", "--ci-resamples", "200",
+              "--no-progress-bar"]
+
+
+def spowl_cli(*flags, timeout=900):
+    return subprocess.run([sys.executable, "spowl.py", *flags], capture_output=True, text=True, timeout=timeout,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_safety_gymnasium_run_plans_updates_checkpoints_and_resumes(tmp_path):
+    """A short PointGoal1 run at a tiny size that plans and updates, then a resume that continues it."""
+    run = str(tmp_path / "run")
+    flags = ["--env-id", SG_ENV, "--num-envs", "2", "--learning-starts", "1000", "--log-every", "1000",
+             "--eval-every", "2000", "--eval-episodes", "1", "--checkpoint-every", "2000", "--buffer-size", "20000",
+             *TINY_FLAGS]
+    result = spowl_cli(*flags, "--total-timesteps", "2000", "--log-dir", run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_rows(run)
+    assert [r["global_step"] for r in rows] == [1000, 2000]
+    last = rows[-1]
+    for key in ["eval/return_mean", "eval/cost_mean", "eval/return_std", "eval/cost_std", "train/cost_rate",
+                "losses/consistency", "losses/value", "losses/cost", "losses/cost_value", "losses/policy",
+                "lagrange/lambda", "lagrange/mu", "plan/balance", "charts/SPS"]:
+        assert key in last and np.isfinite(last[key]), key
+    assert 0.0 <= last["plan/balance"] <= 1.0
+    assert os.path.isfile(os.path.join(run, "checkpoint.npz")) and os.path.isfile(os.path.join(run, "config.json"))
+    with np.load(os.path.join(run, "checkpoint.npz")) as data:
+        assert json.loads(str(data["counters"]))["next_checkpoint"] == 4000
+
+    result = spowl_cli("--resume", run, "--total-timesteps", "3000")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_rows(run)
+    assert [r["global_step"] for r in rows] == [1000, 2000, 3000]  # continued from 2000, not from 0
+    # The resumed run updated from its first step on: the restored buffer held 2000 steps, so no random phase.
+    assert "losses/model" in rows[-1] and rows[-1]["plan/balance"] >= 0.0
+    with np.load(os.path.join(run, "checkpoint.npz")) as data:
+        counters = json.loads(str(data["counters"]))
+        leaves = [data[f"arr_{i}"] for i in range(len(data.files) - 1)]
+    assert counters["next_checkpoint"] == 4000
+    # The replay buffer kept the first run's data: 2 envs x (1 + 200 + 100 + 1) entries (resets included).
+    sizes = [x for x in leaves if x.shape == ()]
+    assert any(int(x) == 1 + 3000 // 10 + 1 for x in sizes if x.dtype == np.int32), sorted(int(x) for x in sizes
+                                                                                           if x.dtype == np.int32)
+
+
+def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "metrics.jsonl").write_text("keep me\n")
+    cases = [
+        (["--env-id", "Foo-v0"], "--env-id"),
+        (["--env-id", "SafetyPointGoal1Vision-v0"], "--env-id"),
+        (["--num-envs", "0"], "--num-envs"),
+        (["--total-timesteps", "-5"], "--total-timesteps"),
+        (["--num-elites", "600"], "--num-elites"),
+        (["--horizon", "0"], "--horizon"),
+        (["--num-seeds", "2"], "--num-seeds"),
+        (["--resume", str(tmp_path / "missing")], "--resume"),
+        (["--log-dir", str(existing)], "--log-dir"),
+        (["--env-id", "JaxPointGoal1-v0", "--capture-video"], "--capture-video"),
+    ]
+    for flags, name in cases:
+        result = spowl_cli(*flags, "--log-dir", str(tmp_path / "new"), timeout=120) if "--log-dir" not in flags \
+            else spowl_cli(*flags, timeout=120)
+        assert result.returncode != 0, flags
+        assert "Traceback" not in result.stderr, result.stderr
+        message = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(message) == 1 and name in message[0], (flags, result.stderr[-2000:])
+    assert not (tmp_path / "new").exists()  # nothing started
+    assert (existing / "metrics.jsonl").read_text() == "keep me\n"

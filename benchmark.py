@@ -1,0 +1,66 @@
+"""Speed of SPOWL's parts: one planning call, one gradient update, and the raw vector env alone.
+
+    python benchmark.py --latent-dim 64 --mlp-dim 128 --num-samples 64 --num-envs 2     # small, CPU
+    python benchmark.py --num-envs 10                                                    # paper size (GPU)
+
+Takes the same flags as spowl.py (sizes, --num-envs, --env-id) and prints the median times after compilation.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tyro
+
+import buffer as replay
+import spowl
+from planner import act
+
+
+def median_ms(fn, repeats):
+    jax.block_until_ready(fn())  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600):
+    """`env_steps` vector steps of uniform random actions time the raw env (0 skips it)."""
+    spowl.check_args(args)
+    if args.env_id in spowl.JAX_ENVS:
+        module = spowl.JAX_ENVS[args.env_id]
+        obs_dim, action_dim = module.OBS_DIM, module.ACT_DIM
+    else:
+        probe = spowl.make_env(args.env_id, args.action_repeat, args.seed)
+        obs_dim, action_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+        probe.close()
+    key = jax.random.PRNGKey(args.seed)
+    agent = spowl.init_agent(key, args, obs_dim, action_dim)
+    h, b, e = args.horizon, args.batch_size, args.num_envs
+    batch = replay.Batch(jax.random.normal(key, (h + 1, b, obs_dim)), jnp.zeros((h, b, action_dim)), jnp.zeros((h, b)),
+                         jnp.zeros((h, b)), jnp.zeros((h, b)), jnp.ones((h, b), bool))
+    update = jax.jit(spowl.update, static_argnums=3)
+    plan = jax.jit(act, static_argnums=(5, 6))
+    obs, mean = jax.random.normal(key, (e, obs_dim)), jnp.zeros((e, h, action_dim))
+    print(f"{jax.devices()[0].platform}: latent {args.latent_dim}, mlp {args.mlp_dim}, {args.num_samples} samples x "
+          f"{args.iterations} iterations, batch {b}, {e} envs")
+    print(f"planning call ({e} envs, act={args.act}): "
+          f"{median_ms(lambda: plan(agent.model, agent.policy, obs, mean, key, args, False), repeats):.1f} ms")
+    print(f"gradient update: {median_ms(lambda: update(agent, batch, key, args), repeats):.1f} ms")
+    if env_steps and args.env_id not in spowl.JAX_ENVS:
+        envs = spowl.make_vector_env(args.env_id, e, args.seed, args.action_repeat)
+        spowl.vector_reset(envs)
+        start, raw = time.perf_counter(), 0
+        for _ in range(env_steps):
+            raw += int(spowl.vector_step(envs, np.random.uniform(-1, 1, (e, action_dim)))[-1].sum())
+        print(f"raw vector env alone: {raw / (time.perf_counter() - start):.0f} raw env steps/s "
+              f"({e} envs, action repeat {args.action_repeat}, resets included)")
+        envs.close()
+
+
+if __name__ == "__main__":
+    tyro.cli(main)
