@@ -63,4 +63,4 @@ def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600):
 
 
 if __name__ == "__main__":
-    tyro.cli(main)
+    tyro.cli(main, config=(tyro.conf.OmitArgPrefixes,))

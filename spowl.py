@@ -681,8 +681,8 @@ def continue_episodes(restored, fresh):
     last stored entry as an episode end (truncated) so no loss spans the gap."""
     last = (restored.buffer.position - 1) % restored.buffer.truncated.shape[1]
     buffer = restored.buffer._replace(truncated=restored.buffer.truncated.at[:, last].set(True))
-    buffer = replay.add(buffer, fresh.obs, jnp.zeros_like(fresh.plan_mean[:, 0]), fresh.episode_return,
-                        fresh.episode_cost, fresh.ended, fresh.ended)
+    zeros = jnp.zeros(fresh.obs.shape[0])
+    buffer = replay.add(buffer, fresh.obs, jnp.zeros_like(fresh.plan_mean[:, 0]), zeros, zeros, zeros > 0, zeros > 0)
     return restored._replace(buffer=buffer, obs=fresh.obs, ended=fresh.ended, plan_mean=fresh.plan_mean,
                              episode_return=fresh.episode_return, episode_cost=fresh.episode_cost)
 
@@ -807,7 +807,7 @@ def train(args, resuming):
     seeds = args.num_seeds > 1
     if seeds:  # several seeds in one program: vmap everything over a leading seed axis
         init, run, evaluate = jax.vmap(init), jax.vmap(run, in_axes=(0, None)), jax.vmap(evaluate)
-    init, run, evaluate = jax.jit(init), jax.jit(run), jax.jit(evaluate)
+    init, run, evaluate = jax.jit(init), jax.jit(run, donate_argnums=0), jax.jit(evaluate)
     keys = jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
     key = keys if seeds else keys[0]
     runner = init(key)
@@ -846,15 +846,13 @@ def train(args, resuming):
                 counters["next_" + name] = (now // every + 1) * every
             rows = [{"global_step": now, "seed": args.seed + i} for i in range(args.num_seeds)]
             if "log" in fired:
-                sps = (now - last_step) / (time.time() - last_time)
-                last_time, last_step = time.time(), now
+                sps, last_step = (now - last_step) / (time.time() - last_time), now
                 total_cost = np.reshape(jax.device_get(runner.total_cost), -1)
                 for i, row in enumerate(rows):
                     row.update(trackers[i].row(), **{"train/cost_rate": float(total_cost[i]) / now, "charts/SPS": sps})
             if "eval" in fired:
-                key, eval_key = jax.random.split(jax.random.PRNGKey(now + args.seed))
-                returns, costs = jax.device_get(evaluate(runner.agent, jnp.stack([eval_key] * args.num_seeds)
-                                                         if seeds else eval_key))
+                video_key, *eval_keys = jax.random.split(jax.random.PRNGKey(now + args.seed), args.num_seeds + 1)
+                returns, costs = jax.device_get(evaluate(runner.agent, jnp.stack(eval_keys) if seeds else eval_keys[0]))
                 returns, costs = np.reshape(returns, (args.num_seeds, -1)), np.reshape(costs, (args.num_seeds, -1))
                 for i, row in enumerate(rows):
                     row.update({"eval/return_mean": float(returns[i].mean()), "eval/return_std": float(returns[i].std()),
@@ -862,13 +860,14 @@ def train(args, resuming):
                 eval_note = f"eval return {returns.mean():.1f} cost {costs.mean():.1f}"
                 if args.capture_video:
                     os.makedirs(os.path.join(args.log_dir, "videos"), exist_ok=True)
-                    record_video(args, runner.agent, os.path.join(args.log_dir, "videos", f"eval_{now}.mp4"), key)
+                    record_video(args, runner.agent, os.path.join(args.log_dir, "videos", f"eval_{now}.mp4"), video_key)
             logger.write(rows)
             if "checkpoint" in fired:
                 save_checkpoint(args.log_dir, runner, counters)
-            if bar is not None:
-                bar.set_postfix_str(f"{(now - last_step) / max(time.time() - last_time, 1e-9):.0f} sps"
-                                    if "log" not in fired else f"{rows[0].get('charts/SPS', 0):.0f} sps {eval_note}")
+            if "log" in fired:
+                last_time = time.time()  # SPS counts training only, not evaluation or checkpointing
+                if bar is not None:
+                    bar.set_postfix_str(f"{rows[0]['charts/SPS']:.0f} sps {eval_note}")
     finally:
         if bar is not None:
             bar.close()
