@@ -442,3 +442,36 @@ def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
         assert len(message) == 1 and name in message[0], (flags, result.stderr[-2000:])
     assert not (tmp_path / "new").exists()  # nothing started
     assert (existing / "metrics.jsonl").read_text() == "keep me\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The scanned loop
+
+
+def test_scanned_loop_matches_step_by_step_loop():
+    """`run` (a lax.scan over chunk_length steps, gated by global_step < stop_at) and a Python loop over the jitted
+    `step` give the same runner, bit for bit, across random steps, planning + gradient updates and an episode reset."""
+    # 440 raw steps = 221 vector steps of 2 envs: the envs truncate at agent step 200 and the next step only resets
+    # them (0 raw steps).  A chunk is 480 / 2 + 1 = 241 vector steps, so its last 20 are gated off.
+    stop_at = 440
+    args = dataclasses.replace(TINY, env_id=jax_env.ENV_ID, num_envs=2, utd_ratio=0.5, learning_starts=100,
+                               buffer_size=1000, log_every=480, eval_every=480, checkpoint_every=480, eval_episodes=2)
+    env, eval_env, _ = spowl.make_envs(args)
+    fns = spowl.make_train(args, env, eval_env)
+    runner = jax.jit(fns.init)(jax.random.PRNGKey(0))
+
+    scanned, metrics = jax.jit(fns.run)(runner, stop_at)
+    active = np.asarray(metrics["active"])
+    assert int(scanned.global_step) == stop_at and not active[-1]  # the chunk reached stop_at, then idled
+    learning = np.asarray(metrics["learning"])[active]
+    assert learning.any() and not learning.all()  # random steps, then planning and updates, inside the window
+    assert np.asarray(metrics["ended"])[active].any()  # an episode end (and the reset after it) inside the window
+
+    step = jax.jit(fns.step)
+    stepped, num_steps = runner, 0
+    while int(stepped.global_step) < stop_at:
+        stepped, _ = step(stepped)
+        num_steps += 1
+    assert num_steps == active.sum()
+    for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(stepped)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
