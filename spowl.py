@@ -511,10 +511,13 @@ def make_train(args, env, eval_env):
         agent, info = jax.lax.scan(one_update, agent, jax.random.split(key, round(num_envs * args.utd_ratio)))
         return agent, jax.tree.map(jnp.mean, info)
 
-    def step(runner):
+    def is_learning(runner):
+        return (runner.global_step >= args.learning_starts) & (runner.buffer.size > horizon)
+
+    def step(runner, learning=None):
         key, key_act, key_env, key_update = jax.random.split(runner.key, 4)
         agent = runner.agent
-        learning = (runner.global_step >= args.learning_starts) & (runner.buffer.size > horizon)
+        learning = is_learning(runner) if learning is None else learning
 
         def planned():
             action, mean, info = act(agent.model, agent.policy, runner.obs, runner.plan_mean, key_act, args)
@@ -543,11 +546,19 @@ def make_train(args, env, eval_env):
                         runner.total_cost + cost.sum(), key)
         return runner, metrics
 
-    def run(runner, stop_at):
+    def run(runner, stop_at, num_seeds=0):
+        """With `num_seeds`, the runner carries a leading seed axis and the step is vmapped inside the scan.  Seeds
+        step in lockstep (equal step counts), so the gates come from seed 0 and stay real branches: under a vmapped
+        `lax.cond` with per-seed predicates both branches would run."""
+        one_step = jax.vmap(step, in_axes=(0, None)) if num_seeds else step
+        first = (lambda x: x[0]) if num_seeds else (lambda x: x)  # noqa: E731
+
         def gated_step(runner, _):
-            active = runner.global_step < stop_at
-            runner, metrics = jax.lax.cond(active, step, lambda r: (r, zeros_like_output(step, r)[1]), runner)
-            return runner, {**metrics, "active": active}
+            active = first(runner.global_step) < stop_at
+            learning = is_learning(jax.tree.map(first, runner))
+            idle = lambda r: (r, zeros_like_output(one_step, r, learning)[1])  # noqa: E731
+            runner, metrics = jax.lax.cond(active, lambda r: one_step(r, learning), idle, runner)
+            return runner, {**metrics, "active": jnp.broadcast_to(active, metrics["learning"].shape)}
 
         return jax.lax.scan(gated_step, runner, None, length=chunk_length)
 
@@ -805,8 +816,8 @@ def train(args, resuming):
     fns = make_train(args, env, eval_env)
     init, run, evaluate = fns.init, fns.run, fns.evaluate
     seeds = args.num_seeds > 1
-    if seeds:  # several seeds in one program: vmap everything over a leading seed axis
-        init, run, evaluate = jax.vmap(init), jax.vmap(run, in_axes=(0, None)), jax.vmap(evaluate)
+    if seeds:  # several seeds in one program: a leading seed axis everywhere
+        init, run, evaluate = jax.vmap(init), functools.partial(run, num_seeds=args.num_seeds), jax.vmap(evaluate)
     init, run, evaluate = jax.jit(init), jax.jit(run, donate_argnums=0), jax.jit(evaluate)
     keys = jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
     key = keys if seeds else keys[0]
@@ -831,7 +842,7 @@ def train(args, resuming):
             runner, metrics = run(runner, stop_at)
             metrics = jax.device_get(metrics)
             for i, tracker in enumerate(trackers):
-                tracker.add(jax.tree.map(lambda x: x[i], metrics) if seeds else metrics)
+                tracker.add(jax.tree.map(lambda x: x[:, i], metrics) if seeds else metrics)  # (steps, seeds, ...)
             now = step()
             if bar is not None:
                 bar.update(min(now, args.total_timesteps) - bar.n)
