@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 import types
 from dataclasses import dataclass
@@ -772,12 +773,14 @@ class Tracker:
         return row
 
 
-def record_video(args, agent, path, key):
-    """One eval-mode episode on a rendering env (skybox included), saved as an mp4."""
+def record_video(args, agent, path, key, policy_act):
+    """One eval-mode episode on a rendering env (skybox included), saved as an mp4.
+
+    `policy_act` is `act` jitted in eval mode, built once per run so videos after the first do not recompile.
+    """
     import imageio
 
     env = make_env(args.env_id, args.action_repeat, args.seed + 20_000, render=True)
-    policy_act = jax.jit(functools.partial(act, cfg=args, eval_mode=True))
     obs, _ = env.reset()
     plan_mean = jnp.zeros((1, args.horizon, env.action_space.shape[0]))
     frames = [env.render()]
@@ -819,6 +822,7 @@ def train(args, resuming):
     if seeds:  # several seeds in one program: a leading seed axis everywhere
         init, run, evaluate = jax.vmap(init), functools.partial(run, num_seeds=args.num_seeds), jax.vmap(evaluate)
     init, run, evaluate = jax.jit(init), jax.jit(run, donate_argnums=0), jax.jit(evaluate)
+    video_act = jax.jit(functools.partial(act, cfg=args, eval_mode=True)) if args.capture_video else None
     keys = jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
     key = keys if seeds else keys[0]
     runner = init(key)
@@ -871,7 +875,8 @@ def train(args, resuming):
                 eval_note = f"eval return {returns.mean():.1f} cost {costs.mean():.1f}"
                 if args.capture_video:
                     os.makedirs(os.path.join(args.log_dir, "videos"), exist_ok=True)
-                    record_video(args, runner.agent, os.path.join(args.log_dir, "videos", f"eval_{now}.mp4"), video_key)
+                    record_video(args, runner.agent, os.path.join(args.log_dir, "videos", f"eval_{now}.mp4"), video_key,
+                                 video_act)
             logger.write(rows)
             if "checkpoint" in fired:
                 save_checkpoint(args.log_dir, runner, counters)
@@ -892,7 +897,7 @@ def main():
     args = tyro.cli(Args)
     if args.capture_video:  # must precede the first import of mujoco
         os.environ.setdefault("MUJOCO_GL", "egl")
-    cli_flags = {a[2:].split("=")[0].replace("-", "_") for a in os.sys.argv[1:] if a.startswith("--")}
+    cli_flags = {a[2:].split("=")[0].replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
     try:
         args, resuming = prepare_run(args, cli_flags & {f.name for f in dataclasses.fields(Args)})
     except ValueError as error:
