@@ -371,9 +371,12 @@ TINY_FLAGS = ["--latent-dim", "32", "--mlp-dim", "64", "--enc-dim", "32", "--num
               "--no-progress-bar"]
 
 
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
 def spowl_cli(*flags, timeout=900):
     return subprocess.run([sys.executable, "spowl.py", *flags], capture_output=True, text=True, timeout=timeout,
-                          cwd=os.path.dirname(os.path.abspath(__file__)))
+                          cwd=REPO_DIR)
 
 
 def read_rows(run_dir):
@@ -540,14 +543,13 @@ def test_learn_spowl_is_safer_than_unsafe_tdmpc2(tmp_path):
     deterministic on a given CPU; another CPU model is another draw.  At 8,000 steps the cost bar failed (lambda 0.2,
     4 seeds: 0.98 x return, 0.58 x cost); lambda 0.3-0.4 there cut the return to 0.55-0.82 x.
     """
-    here = os.path.dirname(os.path.abspath(__file__))
     runs = {"spowl": ["--lagrange-init", LAMBDA, "--penalty-init", "1e-8", "--penalty-growth", "0"],
             "tdmpc2": ["--planner", "tdmpc2", "--act", "plan"]}
     # Compiling dominates these short runs; XLA's CPU backend at optimisation level 1 compiles in about half the time
     # and, measured at this size, trains just as fast.
     env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=1"}
     processes = {name: subprocess.Popen([sys.executable, "spowl.py", *LEARN_FLAGS, *flags, "--log-dir",
-                                         str(tmp_path / name)], cwd=here, env=env, stdout=subprocess.DEVNULL,
+                                         str(tmp_path / name)], cwd=REPO_DIR, env=env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True) for name, flags in runs.items()}
     random_return, random_cost = random_policy_eval()
     for name, process in processes.items():
