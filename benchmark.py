@@ -14,6 +14,7 @@ import numpy as np
 import tyro
 
 import buffer as replay
+import envs
 import spowl
 from planner import act
 
@@ -31,11 +32,11 @@ def median_ms(fn, repeats):
 def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600):
     """`env_steps` vector steps of uniform random actions time the raw env (0 skips it)."""
     spowl.check_args(args)
-    if args.env_id in spowl.JAX_ENVS:
-        module = spowl.JAX_ENVS[args.env_id]
+    if args.env_id in envs.JAX_ENVS:
+        module = envs.JAX_ENVS[args.env_id]
         obs_dim, action_dim = module.OBS_DIM, module.ACT_DIM
     else:
-        probe = spowl.make_env(args.env_id, args.action_repeat, args.seed)
+        probe = envs.make_env(args.env_id, args.action_repeat, args.seed)
         obs_dim, action_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
         probe.close()
     key = jax.random.PRNGKey(args.seed)
@@ -51,15 +52,15 @@ def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600):
     print(f"planning call ({e} envs, act={args.act}): "
           f"{median_ms(lambda: plan(agent.model, agent.policy, obs, mean, key, args, False), repeats):.1f} ms")
     print(f"gradient update: {median_ms(lambda: update(agent, batch, key, args), repeats):.1f} ms")
-    if env_steps and args.env_id not in spowl.JAX_ENVS:
-        envs = spowl.make_vector_env(args.env_id, e, args.seed, args.action_repeat)
-        spowl.vector_reset(envs)
+    if env_steps and args.env_id not in envs.JAX_ENVS:
+        vector_env = envs.make_vector_env(args.env_id, e, args.seed, args.action_repeat)
+        envs.vector_reset(vector_env)
         start, raw = time.perf_counter(), 0
         for _ in range(env_steps):
-            raw += int(spowl.vector_step(envs, np.random.uniform(-1, 1, (e, action_dim)))[-1].sum())
+            raw += int(envs.vector_step(vector_env, np.random.uniform(-1, 1, (e, action_dim)))[-1].sum())
         print(f"raw vector env alone: {raw / (time.perf_counter() - start):.0f} raw env steps/s "
               f"({e} envs, action repeat {args.action_repeat}, resets included)")
-        envs.close()
+        vector_env.close()
 
 
 if __name__ == "__main__":

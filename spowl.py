@@ -1,39 +1,33 @@
-"""SPOWL -- Safe Planning and Policy Optimization via World Model Learning -- in JAX: config, env, training loop.
+"""SPOWL -- Safe Planning and Policy Optimization via World Model Learning -- in JAX: config, update, training loop.
 
     python spowl.py --env-id SafetyPointGoal1-v0
 
 A TD-MPC2-style implicit world model with cost heads (world_model.py), a safe policy trained with an Augmented
 Lagrangian (policy.py), a safe improvement planner with a plan/policy switch (planner.py) and a replay buffer
 (buffer.py).  `make_train(args)` returns a pure `train` whose per-step work -- act, env step, buffer add, gradient
-updates -- is one `lax.scan` inside one `jit`, run in chunks between log / eval / checkpoint points.
-Safety-Gymnasium envs run in worker processes stepped from inside the scan by a host callback; the pure-JAX test-bed
-(jax_env.py) is stepped inside the scan itself and can train several seeds at once with `vmap`.
+updates -- is one `lax.scan` inside one `jit`, run in chunks between log / eval / checkpoint points.  The env
+layer (envs.py) steps Safety-Gymnasium workers from inside the scan by a host callback, and the pure-JAX test-bed
+(jax_env.py) inside the scan itself.
 """
 
-import contextlib
 import dataclasses
 import functools
 import json
 import os
 import sys
 import time
-import types
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
-from unittest import mock
 
 import equinox as eqx
-import gymnasium
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
-import xmltodict
-from jax.experimental import io_callback
 
 import buffer as replay
-import jax_env
+import envs
 from planner import act
 from policy import init_policy, policy_loss, sample_action, update_multipliers
 from world_model import encode, init_world_model, targets, td_targets, world_model_loss
@@ -277,185 +271,6 @@ def update(agent, batch, key, args):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Safety-Gymnasium behind a fixed-shape, next-step auto-resetting vector API (SPEC 1)
-
-# Safety-Gymnasium is imported where it is used: version 1.0.0 imports only on Python 3.10 (on 3.11+ a dataclass
-# field with an ndarray default raises at import time), and the rest of this file must import everywhere.
-
-
-def check_env_id(env_id: str) -> None:
-    """Rejects anything but a single-agent, vector-observation Safety-Gymnasium task, before any env is built."""
-    from safety_gymnasium.utils.registration import safe_registry
-
-    # `safe_registry` holds every id registered through `safety_gymnasium.register`: the single-agent tasks and their
-    # `...Vision-v0` (pixel observations) and `...Debug-v0` (keyboard-driven) variants. Multi-agent tasks are built by
-    # `safety_gymnasium.make_ma` and are not in it, nor are the `...Gymnasium-v0` aliases in Gymnasium's registry.
-    config = gymnasium.envs.registry[env_id].kwargs.get("config", {}) if env_id in safe_registry else None
-    if config is None or config.get("observe_vision") or config.get("debug"):
-        raise ValueError(
-            f"--env-id {env_id!r} is not a single-agent Safety-Gymnasium task with vector observations "
-            "(e.g. SafetyPointGoal1-v0; Vision, Debug and multi-agent tasks are not supported)"
-        )
-
-
-def _unparse_without_skybox(tree, **kwargs):
-    """`xmltodict.unparse` as `World.build` sees it in a cheap reset: drops the skybox texture from the world XML."""
-    asset = tree["mujoco"]["asset"]
-    asset["texture"] = [texture for texture in asset["texture"] if texture.get("@type") != "skybox"]
-    return xmltodict.unparse(tree, **kwargs)
-
-
-@contextlib.contextmanager
-def _without_skybox():
-    """Within this context, Safety-Gymnasium compiles its MuJoCo models without the skybox texture.
-
-    Every reset rebuilds the model from XML, and decoding the six HD skybox images is nearly all of that time. The
-    skybox is only ever drawn, never simulated or sensed, so observations, rewards and costs stay bit-identical.
-    `World.build` is the only place a model is compiled, from the string `xmltodict.unparse` makes of its XML tree,
-    so swapping that one name in `safety_gymnasium.world` for the duration of a reset is enough.
-    """
-    import safety_gymnasium.world
-
-    xmltodict_without_skybox = types.SimpleNamespace(parse=xmltodict.parse, unparse=_unparse_without_skybox)
-    with mock.patch.object(safety_gymnasium.world, "xmltodict", xmltodict_without_skybox):
-        yield
-
-
-class SpowlEnv(gymnasium.Wrapper):
-    """Clipped actions, action repeat, float32 observations and next-step auto-reset (SPEC 1).
-
-    One `step` repeats the action for up to `action_repeat` raw steps, summing reward and cost and stopping early at
-    an episode end. The wrapper never reports `terminated`/`truncated` itself, so Gymnasium 0.28's vector envs, which
-    reset on the *same* step and hide the final observation in `info`, never reset on their own. The true flags and the
-    raw steps taken travel in `info`; the step after an episode ended ignores its action and returns the reset
-    observation with reward 0, cost 0, no flags and 0 raw steps (the next-step semantics of Gymnasium >= 1.0).
-    """
-
-    def __init__(self, env: gymnasium.Env, action_repeat: int, seed: int, cheap_reset: bool):
-        super().__init__(env)
-        self.action_repeat, self.cheap_reset = action_repeat, cheap_reset
-        self._seed = seed  # used by the first reset only; later episodes continue the env's own random stream
-        self._episode_over = False
-        space = env.observation_space
-        self.observation_space = gymnasium.spaces.Box(space.low, space.high, space.shape, np.float32)
-
-    def reset(self, *, seed=None, options=None):
-        seed, self._seed = (self._seed if seed is None else seed), None
-        self._episode_over = False
-        with _without_skybox() if self.cheap_reset else contextlib.nullcontext():
-            obs, info = self.env.reset(seed=seed, options=options)
-        return obs.astype(np.float32), info
-
-    def step(self, action):
-        if self._episode_over:
-            obs, _ = self.reset()
-            return obs, 0.0, False, False, {"cost": 0.0, "terminated": False, "truncated": False, "raw_steps": 0}
-        action = np.clip(action, -1.0, 1.0)
-        reward = cost = 0.0
-        for raw_steps in range(1, self.action_repeat + 1):
-            obs, raw_reward, terminated, truncated, info = self.env.step(action)
-            reward, cost = reward + float(raw_reward), cost + float(info["cost"])
-            if terminated or truncated:
-                break
-        self._episode_over = bool(terminated or truncated)
-        # Plain Python scalars, so the vector env batches each info key into an array of that dtype.
-        info = {"cost": cost, "terminated": bool(terminated), "truncated": bool(truncated), "raw_steps": raw_steps}
-        return obs.astype(np.float32), reward, False, False, info
-
-
-def make_env(env_id: str, action_repeat: int, seed: int, render: bool = False) -> gymnasium.Env:
-    """One Safety-Gymnasium env with the SPEC 1 wrappers; `render=True` keeps the skybox for `env.render()` frames."""
-    import safety_gymnasium
-
-    # `safety_gymnasium.make` already adds the registered time limit (1000 raw steps for Goal/Push/Button), beneath
-    # the action repeat, so it counts raw steps.
-    env = safety_gymnasium.make(env_id, render_mode="rgb_array" if render else None)
-    env = safety_gymnasium.wrappers.SafetyGymnasium2Gymnasium(env)  # 5-tuple API, cost in info["cost"]
-    env = gymnasium.wrappers.RescaleAction(env, -1.0, 1.0)
-    return SpowlEnv(env, action_repeat, seed, cheap_reset=not render)
-
-
-def make_vector_env(env_id: str, num_envs: int, seed: int, action_repeat: int) -> gymnasium.vector.AsyncVectorEnv:
-    """`num_envs` envs in worker processes; env i is seeded `seed + i` at its first reset."""
-    # "spawn", not the Linux default "fork": forking a process in which JAX's threads already run can deadlock. The
-    # workers re-import the main module, so a script needs its `if __name__ == "__main__":` guard.
-    env_fns = [functools.partial(make_env, env_id, action_repeat, seed + i) for i in range(num_envs)]
-    return gymnasium.vector.AsyncVectorEnv(env_fns, context="spawn")
-
-
-def vector_reset(envs: gymnasium.vector.VectorEnv) -> np.ndarray:
-    """Resets every env; returns obs (E, obs_dim) float32."""
-    obs, _ = envs.reset()
-    return obs.astype(np.float32)
-
-
-def vector_step(envs: gymnasium.vector.VectorEnv, actions: np.ndarray) -> tuple:
-    """One agent step in every env, with the fixed dtypes and shapes a JAX `io_callback` must declare.
-
-    Returns obs (E, obs_dim) float32, reward (E,) float32, cost (E,) float32, terminated (E,) bool, truncated (E,)
-    bool, raw_steps (E,) int32; after an episode end, an env's next step returns its reset observation (see SpowlEnv).
-    """
-    obs, reward, _, _, info = envs.step(np.asarray(actions))
-    return (obs.astype(np.float32), reward.astype(np.float32), info["cost"].astype(np.float32),
-            info["terminated"].astype(bool), info["truncated"].astype(bool), info["raw_steps"].astype(np.int32))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Environments: one batched, pure interface for both kinds
-#   reset(key) -> (env_state, obs)
-#   step(env_state, action, key) -> (env_state, obs, reward, cost, terminated, truncated, raw_steps)
-# with *next-step* auto-reset (SPEC 1): after an episode's final observation (returned with its flag) the next action
-# is ignored and the env returns the reset observation with reward 0, cost 0, no flags and 0 raw steps.
-
-
-class Env(NamedTuple):
-    num_envs: int
-    obs_dim: int
-    action_dim: int
-    action_repeat: int  # raw env steps per agent step
-    episode_steps: int  # agent steps of a full episode
-    reset: callable
-    step: callable
-
-
-def pure_env(module, num_envs):
-    """A pure-JAX env module (reset, step) batched over `num_envs`, stepped inside the scan itself."""
-
-    def reset(key):
-        states, obs = jax.vmap(module.reset)(jax.random.split(key, num_envs))
-        return (states, jnp.zeros(num_envs, bool)), obs
-
-    def step(env_state, action, key):
-        states, ended = env_state
-        stepped, obs, reward, cost, terminated, truncated = jax.vmap(module.step)(states, action)
-        (fresh, _), fresh_obs = reset(key)
-        pick = lambda new, old: jnp.where(ended.reshape(-1, *[1] * (new.ndim - 1)), new, old)  # noqa: E731
-        states, obs = jax.tree.map(pick, (fresh, fresh_obs), (stepped, obs))
-        reward, cost, terminated, truncated = (jnp.where(ended, jnp.zeros_like(x), x)
-                                              for x in (reward, cost, terminated, truncated))
-        raw_steps = jnp.where(ended, 0, 1)
-        return (states, terminated | truncated), obs, reward, cost, terminated, truncated, raw_steps
-
-    return Env(num_envs, module.OBS_DIM, module.ACT_DIM, 1, module.EPISODE_LENGTH, reset, step)
-
-
-def host_env(envs, obs_dim, action_dim, action_repeat, episode_steps):
-    """A vector env of worker processes, stepped from inside `jit` by an ordered host callback."""
-    num_envs = envs.num_envs
-    out = (jax.ShapeDtypeStruct((num_envs, obs_dim), jnp.float32), jax.ShapeDtypeStruct((num_envs,), jnp.float32),
-           jax.ShapeDtypeStruct((num_envs,), jnp.float32), jax.ShapeDtypeStruct((num_envs,), jnp.bool_),
-           jax.ShapeDtypeStruct((num_envs,), jnp.bool_), jax.ShapeDtypeStruct((num_envs,), jnp.int32))
-
-    def reset(key):
-        return (), io_callback(lambda: vector_reset(envs), out[0], ordered=True)
-
-    def step(env_state, action, key):
-        return ((), *io_callback(lambda a: vector_step(envs, np.asarray(a)), out, action, ordered=True))
-
-    return Env(num_envs, obs_dim, action_dim, action_repeat, episode_steps, reset, step)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Training loop: act -> env step -> buffer add -> gradient updates, one vector step at a time inside a lax.scan
 
 
@@ -595,7 +410,6 @@ def make_train(args, env, eval_env):
 # ---------------------------------------------------------------------------------------------------------------------
 # Driver: input checks, run directory, logging, evaluation, checkpoints
 
-JAX_ENVS = {jax_env.ENV_ID: jax_env}  # the project's pure-JAX tasks, by env id
 RESUMABLE_FLAGS = {"total_timesteps", "resume", "log_dir", "progress_bar", "track"}  # may differ on --resume
 
 
@@ -630,13 +444,13 @@ def check_args(args):
         raise ValueError(f"--latent-dim ({args.latent_dim}) must be a multiple of --simnorm-dim ({args.simnorm_dim})")
     if args.buffer_size // args.num_envs <= args.horizon + 1:
         raise ValueError(f"--buffer-size ({args.buffer_size}) must hold more than horizon+1 steps per env")
-    if args.env_id in JAX_ENVS:
+    if args.env_id in envs.JAX_ENVS:
         if args.capture_video:
             raise ValueError(f"--capture-video needs a Safety-Gymnasium task, not --env-id {args.env_id}")
     else:
-        check_env_id(args.env_id)
+        envs.check_env_id(args.env_id)
         if args.num_seeds > 1:
-            raise ValueError(f"--num-seeds > 1 needs a pure-JAX env ({', '.join(JAX_ENVS)}), not {args.env_id}")
+            raise ValueError(f"--num-seeds > 1 needs a pure-JAX env ({', '.join(envs.JAX_ENVS)}), not {args.env_id}")
     if args.track:
         try:
             import wandb  # noqa: F401
@@ -780,7 +594,7 @@ def record_video(args, agent, path, key, policy_act):
     """
     import imageio
 
-    env = make_env(args.env_id, args.action_repeat, args.seed + 20_000, render=True)
+    env = envs.make_env(args.env_id, args.action_repeat, args.seed + 20_000, render=True)
     obs, _ = env.reset()
     plan_mean = jnp.zeros((1, args.horizon, env.action_space.shape[0]))
     frames = [env.render()]
@@ -795,27 +609,13 @@ def record_video(args, agent, path, key, policy_act):
     imageio.mimsave(path, frames, fps=30)
 
 
-def make_envs(args):
-    """Training and eval envs: the same batched interface over a pure-JAX task or Safety-Gymnasium workers."""
-    num_eval = min(args.eval_episodes, args.num_envs)
-    if args.env_id in JAX_ENVS:
-        module = JAX_ENVS[args.env_id]
-        return pure_env(module, args.num_envs), pure_env(module, num_eval), []
-    vector_envs = [make_vector_env(args.env_id, args.num_envs, args.seed, args.action_repeat),
-                   make_vector_env(args.env_id, num_eval, args.seed + 10_000, args.action_repeat)]
-    obs_dim, action_dim = vector_envs[0].single_observation_space.shape[0], vector_envs[0].single_action_space.shape[0]
-    episode_steps = -(-vector_envs[0].get_attr("spec")[0].max_episode_steps // args.action_repeat)
-    envs = [host_env(v, obs_dim, action_dim, args.action_repeat, episode_steps) for v in vector_envs]
-    return *envs, vector_envs
-
-
 def train(args, resuming):
     """Run (or continue) training in args.log_dir: scanned chunks between log / eval / checkpoint points."""
     os.makedirs(args.log_dir, exist_ok=True)
     if not resuming:
         with open(os.path.join(args.log_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=2)
-    env, eval_env, vector_envs = make_envs(args)
+    env, eval_env, vector_envs = envs.make_envs(args)
     fns = make_train(args, env, eval_env)
     init, run, evaluate = fns.init, fns.run, fns.evaluate
     seeds = args.num_seeds > 1

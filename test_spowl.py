@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import buffer as replay
+import envs
 import jax_env
 import spowl
 from planner import act, select_elites
@@ -309,7 +310,7 @@ SG_EPISODE = 1000 // 5  # agent steps per episode at action repeat 5
 
 def rollout(cheap_reset, num_steps):
     """Observations, rewards, costs and step infos for a fixed seed and action sequence, across one reset."""
-    env = spowl.make_env(SG_ENV, action_repeat=5, seed=7)
+    env = envs.make_env(SG_ENV, action_repeat=5, seed=7)
     env.cheap_reset = cheap_reset
     rng = np.random.default_rng(0)
     obs, rewards, costs, infos = [env.reset()[0]], [], [], []
@@ -335,18 +336,18 @@ def test_next_step_auto_reset():
 
     import gymnasium
 
-    envs = gymnasium.vector.SyncVectorEnv([functools.partial(spowl.make_env, SG_ENV, 5, seed) for seed in (0, 1)])
-    obs, _ = envs.reset()
+    vector_env = gymnasium.vector.SyncVectorEnv([functools.partial(envs.make_env, SG_ENV, 5, seed) for seed in (0, 1)])
+    obs, _ = vector_env.reset()
     for t in range(SG_EPISODE):
-        obs, reward, cost, terminated, truncated, raw_steps = spowl.vector_step(envs, np.zeros((2, 2), np.float32))
+        obs, reward, cost, terminated, truncated, raw_steps = envs.vector_step(vector_env, np.zeros((2, 2), np.float32))
         assert not terminated.any() and truncated.all() == (t == SG_EPISODE - 1) and (raw_steps == 5).all()
     final_obs = obs
     # NaN actions would trip the action rescaling if they were used.
-    obs, reward, cost, terminated, truncated, raw_steps = spowl.vector_step(envs, np.full((2, 2), np.nan, np.float32))
+    obs, reward, cost, terminated, truncated, raw_steps = envs.vector_step(vector_env, np.full((2, 2), np.nan, np.float32))
     assert obs.dtype == np.float32 and obs.shape == final_obs.shape and not np.array_equal(obs, final_obs)
     assert (reward == 0).all() and (cost == 0).all() and not (terminated | truncated).any() and (raw_steps == 0).all()
-    assert all(env.unwrapped.steps == 0 for env in envs.envs)  # a fresh episode, not a continued one
-    *_, raw_steps = spowl.vector_step(envs, np.zeros((2, 2), np.float32))
+    assert all(env.unwrapped.steps == 0 for env in vector_env.envs)  # a fresh episode, not a continued one
+    *_, raw_steps = envs.vector_step(vector_env, np.zeros((2, 2), np.float32))
     assert (raw_steps == 5).all()
 
 
@@ -354,13 +355,13 @@ def test_next_step_auto_reset():
                                     "SafetyPointGoal1Debug-v0", "SafetyPointGoal1Gymnasium-v0"])
 def test_check_env_id_rejects(env_id):
     with pytest.raises(ValueError, match="--env-id"):
-        spowl.check_env_id(env_id)
+        envs.check_env_id(env_id)
 
 
 def test_check_env_id_accepts_the_table_1_tasks():
     for env_id in ["SafetyPointGoal1-v0", "SafetyPointGoal2-v0", "SafetyPointPush1-v0", "SafetyPointButton1-v0",
                    "SafetyCarGoal1-v0", "SafetyDoggoGoal1-v0", "SafetyAntGoal1-v0"]:
-        spowl.check_env_id(env_id)
+        envs.check_env_id(env_id)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -459,7 +460,7 @@ def test_scanned_loop_matches_step_by_step_loop():
     stop_at = 440
     args = dataclasses.replace(TINY, env_id=jax_env.ENV_ID, num_envs=2, utd_ratio=0.5, learning_starts=100,
                                buffer_size=1000, log_every=480, eval_every=480, checkpoint_every=480, eval_episodes=2)
-    env, eval_env, _ = spowl.make_envs(args)
+    env, eval_env, _ = envs.make_envs(args)
     fns = spowl.make_train(args, env, eval_env)
     runner = jax.jit(fns.init)(jax.random.PRNGKey(0))
 
