@@ -53,7 +53,7 @@ def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600):
           f"{median_ms(lambda: plan(agent.model, agent.policy, obs, mean, key, args, False), repeats):.1f} ms")
     print(f"gradient update: {median_ms(lambda: update(agent, batch, key, args), repeats):.1f} ms")
     if env_steps and args.env_id not in envs.JAX_ENVS:
-        vector_env = envs.make_vector_env(args.env_id, e, args.seed, args.action_repeat)
+        vector_env = envs.make_vector_env(args.env_id, envs.env_seeds(args.seed, 1, e), args.action_repeat)
         envs.vector_reset(vector_env)
         start, raw = time.perf_counter(), 0
         for _ in range(env_steps):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import xmltodict
 from jax.experimental import io_callback
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 import jax_env
 
@@ -125,11 +126,11 @@ def make_env(env_id: str, action_repeat: int, seed: int, render: bool = False) -
     return SpowlEnv(env, action_repeat, seed, cheap_reset=not render)
 
 
-def make_vector_env(env_id: str, num_envs: int, seed: int, action_repeat: int) -> gymnasium.vector.AsyncVectorEnv:
-    """`num_envs` envs in worker processes; env i is seeded `seed + i` at its first reset."""
+def make_vector_env(env_id: str, seeds: list, action_repeat: int) -> gymnasium.vector.AsyncVectorEnv:
+    """One env per seed in `seeds`, each in a worker process, seeded with it at its first reset."""
     # "spawn", not the Linux default "fork": forking a process in which JAX's threads already run can deadlock. The
     # workers re-import the main module, so a script needs its `if __name__ == "__main__":` guard.
-    env_fns = [functools.partial(make_env, env_id, action_repeat, seed + i) for i in range(num_envs)]
+    env_fns = [functools.partial(make_env, env_id, action_repeat, seed) for seed in seeds]
     return gymnasium.vector.AsyncVectorEnv(env_fns, context="spawn")
 
 
@@ -151,15 +152,16 @@ def vector_step(envs: gymnasium.vector.VectorEnv, actions: np.ndarray) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Environments: one batched, pure interface for both kinds
-#   reset(key) -> (env_state, obs)
-#   step(env_state, action, key) -> (env_state, obs, reward, cost, terminated, truncated, raw_steps)
+# Environments: one pure interface for both kinds, batched over seeds (N) and the envs of each seed (E)
+#   reset(keys (N, 2)) -> (env_state, obs (N, E, O))
+#   step(env_state, action (N, E, A), keys (N, 2)) -> (env_state, obs, reward, cost, terminated, truncated, raw_steps)
 # with *next-step* auto-reset (SPEC 1): after an episode's final observation (returned with its flag) the next action
 # is ignored and the env returns the reset observation with reward 0, cost 0, no flags and 0 raw steps.
 
 
 class Env(NamedTuple):
-    num_envs: int
+    num_seeds: int  # N: independent runs stepped together
+    num_envs: int  # E: envs per seed
     obs_dim: int
     action_dim: int
     action_repeat: int  # raw env steps per agent step
@@ -168,17 +170,17 @@ class Env(NamedTuple):
     step: callable
 
 
-def pure_env(module, num_envs):
-    """A pure-JAX env module (reset, step) batched over `num_envs`, stepped inside the scan itself."""
+def pure_env(module, num_seeds, num_envs):
+    """A pure-JAX env module (reset, step) batched over seeds and envs, stepped inside the scan itself."""
 
-    def reset(key):
+    def reset_seed(key):
         states, obs = jax.vmap(module.reset)(jax.random.split(key, num_envs))
         return (states, jnp.zeros(num_envs, bool)), obs
 
-    def step(env_state, action, key):
+    def step_seed(env_state, action, key):
         states, ended = env_state
         stepped, obs, reward, cost, terminated, truncated = jax.vmap(module.step)(states, action)
-        (fresh, _), fresh_obs = reset(key)
+        (fresh, _), fresh_obs = reset_seed(key)
         pick = lambda new, old: jnp.where(ended.reshape(-1, *[1] * (new.ndim - 1)), new, old)  # noqa: E731
         states, obs = jax.tree.map(pick, (fresh, fresh_obs), (stepped, obs))
         reward, cost, terminated, truncated = (jnp.where(ended, jnp.zeros_like(x), x)
@@ -186,34 +188,76 @@ def pure_env(module, num_envs):
         raw_steps = jnp.where(ended, 0, 1)
         return (states, terminated | truncated), obs, reward, cost, terminated, truncated, raw_steps
 
-    return Env(num_envs, module.OBS_DIM, module.ACT_DIM, 1, module.EPISODE_LENGTH, reset, step)
+    return Env(num_seeds, num_envs, module.OBS_DIM, module.ACT_DIM, 1, module.EPISODE_LENGTH, jax.vmap(reset_seed),
+               jax.vmap(step_seed))
 
 
-def host_env(envs, obs_dim, action_dim, action_repeat, episode_steps):
-    """A vector env of worker processes, stepped from inside `jit` by an ordered host callback."""
-    num_envs = envs.num_envs
-    out = (jax.ShapeDtypeStruct((num_envs, obs_dim), jnp.float32), jax.ShapeDtypeStruct((num_envs,), jnp.float32),
-           jax.ShapeDtypeStruct((num_envs,), jnp.float32), jax.ShapeDtypeStruct((num_envs,), jnp.bool_),
-           jax.ShapeDtypeStruct((num_envs,), jnp.bool_), jax.ShapeDtypeStruct((num_envs,), jnp.int32))
+def host_env(vector_env, num_seeds, obs_dim, action_dim, action_repeat, episode_steps, mesh=None):
+    """N x E worker processes (seed-major), stepped from inside `jit` by one ordered host callback per vector step.
 
-    def reset(key):
-        return (), io_callback(lambda: vector_reset(envs), out[0], ordered=True)
+    JAX cannot `vmap` an ordered callback, so this one takes every seed's actions at once.  Under a device `mesh`
+    (seeds sharded over devices) the callback runs once, on the first device: its input is gathered there and its
+    output scattered back, which the replicated sharding constraints make explicit.
+    """
+    num_envs = vector_env.num_envs // num_seeds
+    shape = (num_seeds, num_envs)
+    out = (jax.ShapeDtypeStruct((*shape, obs_dim), jnp.float32), jax.ShapeDtypeStruct(shape, jnp.float32),
+           jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.bool_),
+           jax.ShapeDtypeStruct(shape, jnp.bool_), jax.ShapeDtypeStruct(shape, jnp.int32))
+    replicated = (lambda x: x) if mesh is None else functools.partial(
+        jax.lax.with_sharding_constraint, shardings=NamedSharding(mesh, PartitionSpec()))
+    callback = functools.partial(io_callback, ordered=True,
+                                 sharding=None if mesh is None else SingleDeviceSharding(mesh.devices.flat[0]))
 
-    def step(env_state, action, key):
-        return ((), *io_callback(lambda a: vector_step(envs, np.asarray(a)), out, action, ordered=True))
+    def host_step(action):  # (N, E, A) -> the outputs above, all seeds' workers in one vector step
+        stepped = vector_step(vector_env, np.asarray(action).reshape(num_seeds * num_envs, action_dim))
+        return tuple(x.reshape(*shape, *x.shape[1:]) for x in stepped)
 
-    return Env(num_envs, obs_dim, action_dim, action_repeat, episode_steps, reset, step)
+    def reset(keys):
+        obs = callback(lambda: vector_reset(vector_env).reshape(*shape, obs_dim), out[0])
+        return (), replicated(obs)
+
+    def step(env_state, action, keys):
+        return ((), *replicated(callback(host_step, out, replicated(action))))
+
+    return Env(num_seeds, num_envs, obs_dim, action_dim, action_repeat, episode_steps, reset, step)
 
 
-def make_envs(args):
-    """Training and eval envs: the same batched interface over a pure-JAX task or Safety-Gymnasium workers."""
+# Env seeds.  Run seed s owns the block [ENV_SEED_STRIDE s, ENV_SEED_STRIDE (s + 1)): training env i is seeded
+# ENV_SEED_STRIDE s + i, eval env i ENV_SEED_STRIDE s + EVAL_OFFSET + i and the video env the block's last seed, so
+# the envs of different seeds (and of training and evaluation) never share a seed.
+ENV_SEED_STRIDE = 10_000
+EVAL_OFFSET = 5_000
+MAX_ENVS_PER_KIND = EVAL_OFFSET - 1
+
+
+def env_seeds(seed, num_seeds, num_envs, offset=0):
+    """The env seeds of runs seed..seed+num_seeds-1, seed-major: (num_seeds x num_envs,)."""
+    return [ENV_SEED_STRIDE * (seed + s) + offset + i for s in range(num_seeds) for i in range(num_envs)]
+
+
+def video_env_seed(seed):
+    return ENV_SEED_STRIDE * (seed + 1) - 1
+
+
+def num_workers(args):
+    """Worker processes a Safety-Gymnasium run starts: training plus eval envs, for every seed."""
+    return args.num_seeds * (args.num_envs + min(args.eval_episodes, args.num_envs))
+
+
+def make_envs(args, mesh=None):
+    """Training and eval envs for all seeds: the same batched interface over a pure-JAX task or Safety-Gymnasium
+    workers.  Returns (env, eval_env, the vector envs to close)."""
     num_eval = min(args.eval_episodes, args.num_envs)
     if args.env_id in JAX_ENVS:
         module = JAX_ENVS[args.env_id]
-        return pure_env(module, args.num_envs), pure_env(module, num_eval), []
-    vector_envs = [make_vector_env(args.env_id, args.num_envs, args.seed, args.action_repeat),
-                   make_vector_env(args.env_id, num_eval, args.seed + 10_000, args.action_repeat)]
+        return pure_env(module, args.num_seeds, args.num_envs), pure_env(module, args.num_seeds, num_eval), []
+    vector_envs = [make_vector_env(args.env_id, env_seeds(args.seed, args.num_seeds, args.num_envs),
+                                   args.action_repeat),
+                   make_vector_env(args.env_id, env_seeds(args.seed, args.num_seeds, num_eval, EVAL_OFFSET),
+                                   args.action_repeat)]
     obs_dim, action_dim = vector_envs[0].single_observation_space.shape[0], vector_envs[0].single_action_space.shape[0]
     episode_steps = -(-vector_envs[0].get_attr("spec")[0].max_episode_steps // args.action_repeat)
-    envs = [host_env(v, obs_dim, action_dim, args.action_repeat, episode_steps) for v in vector_envs]
+    envs = [host_env(v, args.num_seeds, obs_dim, action_dim, args.action_repeat, episode_steps, mesh)
+            for v in vector_envs]
     return *envs, vector_envs

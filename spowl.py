@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import buffer as replay
 import envs
@@ -41,7 +42,7 @@ class Args:
     seed: int = 1
     """seed of the run (networks, planner, envs)"""
     num_seeds: int = 1
-    """seeds trained at once with vmap (seed, seed+1, ...); JAX envs only"""
+    """seeds seed, seed+1, ... trained at once in one program (vmapped; sharded over the local devices)"""
     total_timesteps: int = 5_000_000
     """raw training env steps, summed over envs (an agent step repeats its action `action-repeat` times)"""
     num_envs: int = 10
@@ -68,6 +69,9 @@ class Args:
     """save a video of one eval episode at each evaluation (headless: MUJOCO_GL=egl or osmesa)"""
     progress_bar: bool = True
     """show a progress bar with steps/s and the last eval return and cost"""
+    max_env_workers: Optional[int] = None
+    """most Safety-Gymnasium worker processes, num-seeds x (num-envs + eval envs), a run may start; default
+    max(32, 4 x CPU count)"""
 
     # Agent modes (Sec. 5.1-5.2)
     planner: Literal["spowl", "tdmpc2", "cce"] = "spowl"
@@ -275,24 +279,26 @@ def update(agent, batch, key, args):
 
 
 class Runner(NamedTuple):
+    """Everything a run carries from one vector step to the next; every field has a leading seed axis (N)."""
+
     agent: Agent
     buffer: replay.Buffer
     env_state: tuple
-    obs: jax.Array  # (E, O)
-    ended: jax.Array  # (E,) obs is the last of its episode: the next action only triggers the reset
-    plan_mean: jax.Array  # (E, H, A) warm start of the planner
-    episode_return: jax.Array  # (E,)
-    episode_cost: jax.Array  # (E,)
-    global_step: jax.Array  # raw training env steps, summed over envs
-    total_cost: jax.Array  # cumulative training cost (for the cost rate)
-    key: jax.Array
+    obs: jax.Array  # (N, E, O)
+    ended: jax.Array  # (N, E) obs is the last of its episode: the next action only triggers the reset
+    plan_mean: jax.Array  # (N, E, H, A) warm start of the planner
+    episode_return: jax.Array  # (N, E)
+    episode_cost: jax.Array  # (N, E)
+    global_step: jax.Array  # (N,) raw training env steps, summed over envs; equal over seeds (lockstep)
+    total_cost: jax.Array  # (N,) cumulative training cost (for the cost rate)
+    key: jax.Array  # (N, 2)
 
 
 class Train(NamedTuple):
-    init: callable  # key -> Runner
-    step: callable  # Runner -> (Runner, metrics): one vector step
+    init: callable  # keys (N, 2) -> Runner
+    step: callable  # Runner -> (Runner, metrics): one vector step of every seed
     run: callable  # (Runner, stop_at) -> (Runner, metrics): scanned steps until global_step reaches stop_at
-    evaluate: callable  # (Agent, key) -> (returns, costs) of full eval episodes
+    evaluate: callable  # (agents, keys (N, 2)) -> (returns, costs), each (N, eval_episodes), of full eval episodes
 
 
 def zeros_like_output(fn, *args):
@@ -300,24 +306,37 @@ def zeros_like_output(fn, *args):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
 
 
+def split(keys, num):
+    """Split each seed's key: (N, 2) -> `num` arrays of (N, 2), as `jax.random.split` would for one seed."""
+    return jnp.swapaxes(jax.vmap(lambda key: jax.random.split(key, num))(keys), 0, 1)
+
+
 def make_train(args, env, eval_env):
-    """Pure functions of a SPOWL run (PureJaxRL-style); `env` / `eval_env` are batched `Env`s (train / eval)."""
+    """Pure functions of a SPOWL run over N seeds (PureJaxRL-style); `env` / `eval_env` are batched `Env`s.
+
+    Each seed is an independent run: its work is `vmap`ped, and only the env step -- one call for all seeds, a single
+    host callback on Safety-Gymnasium -- sits outside.  Seeds step in lockstep, so the gates (random phase, chunk
+    end) come from seed 0 and stay real branches: under a vmapped `lax.cond` with per-seed predicates both branches
+    would run.
+    """
     num_envs, horizon = args.num_envs, args.horizon
     steps_per_vector_step = num_envs * env.action_repeat
     # A chunk covers the smallest event interval; steps past `stop_at` are skipped (episode resets add 0 steps,
     # so a chunk may fall short; the driver then runs another).
     chunk_length = -(-min(args.log_every, args.eval_every, args.checkpoint_every) // steps_per_vector_step) + 1
 
-    def init(key):
-        key_agent, key_env, key = jax.random.split(key, 3)
-        agent = init_agent(key_agent, args, env.obs_dim, env.action_dim)
-        env_state, obs = env.reset(key_env)
-        capacity = args.buffer_size // num_envs
-        buffer = replay.init(num_envs, capacity, env.obs_dim, env.action_dim)
+    def new_runner(agent, obs, key):  # one seed
+        buffer = replay.init(num_envs, args.buffer_size // num_envs, env.obs_dim, env.action_dim)
         zeros = jnp.zeros(num_envs)
         buffer = replay.add(buffer, obs, jnp.zeros((num_envs, env.action_dim)), zeros, zeros, zeros > 0, zeros > 0)
-        return Runner(agent, buffer, env_state, obs, zeros > 0, jnp.zeros((num_envs, horizon, env.action_dim)), zeros,
-                      zeros, jnp.zeros((), jnp.int32), jnp.zeros(()), key)
+        return Runner(agent, buffer, (), obs, zeros > 0, jnp.zeros((num_envs, horizon, env.action_dim)), zeros, zeros,
+                      jnp.zeros((), jnp.int32), jnp.zeros(()), key)
+
+    def init(keys):
+        key_agent, key_env, key = split(keys, 3)
+        agent = jax.vmap(lambda k: init_agent(k, args, env.obs_dim, env.action_dim))(key_agent)
+        env_state, obs = env.reset(key_env)
+        return jax.vmap(new_runner)(agent, obs, key)._replace(env_state=env_state)
 
     def gradient_updates(agent, buffer, key):
         def one_update(agent, key):
@@ -328,81 +347,87 @@ def make_train(args, env, eval_env):
         return agent, jax.tree.map(jnp.mean, info)
 
     def is_learning(runner):
-        return (runner.global_step >= args.learning_starts) & (runner.buffer.size > horizon)
+        return (runner.global_step[0] >= args.learning_starts) & (runner.buffer.size[0] > horizon)
 
-    def step(runner, learning=None):
-        key, key_act, key_env, key_update = jax.random.split(runner.key, 4)
-        agent = runner.agent
-        learning = is_learning(runner) if learning is None else learning
-
+    def choose_action(runner, key, learning):  # one seed: plan (Alg. 2) once learning, uniform random before
         def planned():
-            action, mean, info = act(agent.model, agent.policy, runner.obs, runner.plan_mean, key_act, args)
+            action, mean, info = act(runner.agent.model, runner.agent.policy, runner.obs, runner.plan_mean, key, args)
             return action, mean, info["used_plan"]
 
         def random():
-            action = jax.random.uniform(key_act, (num_envs, env.action_dim), minval=-1, maxval=1)
+            action = jax.random.uniform(key, (num_envs, env.action_dim), minval=-1, maxval=1)
             return action, runner.plan_mean, jnp.zeros(num_envs, bool)
 
-        action, plan_mean, used_plan = jax.lax.cond(learning, planned, random)
-        env_state, obs, reward, cost, terminated, truncated, raw_steps = env.step(runner.env_state, action, key_env)
+        return jax.lax.cond(learning, planned, random)
+
+    def learn(runner, action, plan_mean, used_plan, transition, key, learning):  # one seed: store, update, count
+        obs, reward, cost, terminated, truncated, raw_steps = transition
         resetting = runner.ended  # this step only reset those envs: store the reset obs as an episode start
         action = jnp.where(resetting[:, None], 0.0, action)
         buffer = replay.add(runner.buffer, obs, action, reward, cost, terminated, truncated)
         agent, info = jax.lax.cond(learning, gradient_updates,
-                                   lambda *args: (agent, zeros_like_output(gradient_updates, *args)[1]),
-                                   agent, buffer, key_update)
+                                   lambda *inputs: (inputs[0], zeros_like_output(gradient_updates, *inputs)[1]),
+                                   runner.agent, buffer, key)
         ended = terminated | truncated
         episode_return = jnp.where(resetting, 0.0, runner.episode_return) + reward
         episode_cost = jnp.where(resetting, 0.0, runner.episode_cost) + cost
         metrics = {"learning": learning, "used_plan": used_plan.mean(), "ended": ended,
                    "episode_return": episode_return, "episode_cost": episode_cost,
                    "multiplier": agent.multiplier, "penalty": agent.penalty, **info}
-        runner = Runner(agent, buffer, env_state, obs, ended, jnp.where(resetting[:, None, None], 0.0, plan_mean),
-                        episode_return, episode_cost, runner.global_step + raw_steps.sum(),
-                        runner.total_cost + cost.sum(), key)
-        return runner, metrics
+        return runner._replace(agent=agent, buffer=buffer, obs=obs, ended=ended,
+                               plan_mean=jnp.where(resetting[:, None, None], 0.0, plan_mean),
+                               episode_return=episode_return, episode_cost=episode_cost,
+                               global_step=runner.global_step + raw_steps.sum(),
+                               total_cost=runner.total_cost + cost.sum()), metrics
 
-    def run(runner, stop_at, num_seeds=0):
-        """With `num_seeds`, the runner carries a leading seed axis and the step is vmapped inside the scan.  Seeds
-        step in lockstep (equal step counts), so the gates come from seed 0 and stay real branches: under a vmapped
-        `lax.cond` with per-seed predicates both branches would run."""
-        one_step = jax.vmap(step, in_axes=(0, None)) if num_seeds else step
-        first = (lambda x: x[0]) if num_seeds else (lambda x: x)  # noqa: E731
+    def step(runner, learning=None):
+        """One vector step of every seed; `learning` (shared by the seeds) defaults to seed 0's gate."""
+        learning = is_learning(runner) if learning is None else learning
+        key, key_act, key_env, key_update = split(runner.key, 4)
+        action, plan_mean, used_plan = jax.vmap(choose_action, in_axes=(0, 0, None))(runner, key_act, learning)
+        env_state, *transition = env.step(runner.env_state, action, key_env)
+        runner, metrics = jax.vmap(learn, in_axes=(0, 0, 0, 0, 0, 0, None))(runner, action, plan_mean, used_plan,
+                                                                            transition, key_update, learning)
+        return runner._replace(env_state=env_state, key=key), metrics
 
+    def run(runner, stop_at):
         def gated_step(runner, _):
-            active = first(runner.global_step) < stop_at
-            learning = is_learning(jax.tree.map(first, runner))
-            idle = lambda r: (r, zeros_like_output(one_step, r, learning)[1])  # noqa: E731
-            runner, metrics = jax.lax.cond(active, lambda r: one_step(r, learning), idle, runner)
+            active = runner.global_step[0] < stop_at
+            learning = is_learning(runner)
+            idle = lambda r: (r, zeros_like_output(step, r, learning)[1])  # noqa: E731
+            runner, metrics = jax.lax.cond(active, lambda r: step(r, learning), idle, runner)
             return runner, {**metrics, "active": jnp.broadcast_to(active, metrics["learning"].shape)}
 
         return jax.lax.scan(gated_step, runner, None, length=chunk_length)
 
-    def evaluate(agent, key):
-        """`eval_episodes` full episodes in eval mode (SPEC 10), `eval_env.num_envs` at a time from fresh resets."""
+    def evaluate(agent, keys):
+        """`eval_episodes` full episodes per seed in eval mode (SPEC 10), `eval_env.num_envs` at a time from fresh
+        resets: returns and costs (N, eval_episodes)."""
+        eval_act = jax.vmap(lambda agent, obs, plan_mean, key: act(agent.model, agent.policy, obs, plan_mean, key, args,
+                                                                   eval_mode=True))
 
-        def episode_batch(key):
-            key_reset, key = jax.random.split(key)
+        def episode_batch(keys):
+            key_reset, key = split(keys, 2)
             env_state, obs = eval_env.reset(key_reset)
-            n = obs.shape[0]
-            plan_mean = jnp.zeros((n, horizon, eval_env.action_dim))
+            plan_mean = jnp.zeros((*obs.shape[:2], horizon, eval_env.action_dim))
 
-            def eval_step(carry, key):
+            def eval_step(carry, keys):
                 env_state, obs, plan_mean, done, total_return, total_cost = carry
-                key_act, key_env = jax.random.split(key)
-                action, plan_mean, _ = act(agent.model, agent.policy, obs, plan_mean, key_act, args, eval_mode=True)
+                key_act, key_env = split(keys, 2)
+                action, plan_mean, _ = eval_act(agent, obs, plan_mean, key_act)
                 env_state, obs, reward, cost, terminated, truncated, _ = eval_env.step(env_state, action, key_env)
                 total_return, total_cost = total_return + (~done) * reward, total_cost + (~done) * cost
                 return (env_state, obs, plan_mean, done | terminated | truncated, total_return, total_cost), None
 
-            zeros = jnp.zeros(n)
+            zeros = jnp.zeros(obs.shape[:2])
             carry = (env_state, obs, plan_mean, zeros > 0, zeros, zeros)
-            carry, _ = jax.lax.scan(eval_step, carry, jax.random.split(key, eval_env.episode_steps))
-            return carry[-2], carry[-1]
+            carry, _ = jax.lax.scan(eval_step, carry, split(key, eval_env.episode_steps))
+            return carry[-2], carry[-1]  # (N, E)
 
         rounds = -(-args.eval_episodes // eval_env.num_envs)
-        returns, costs = jax.lax.map(episode_batch, jax.random.split(key, rounds))
-        return returns.reshape(-1)[:args.eval_episodes], costs.reshape(-1)[:args.eval_episodes]
+        returns, costs = jax.lax.map(episode_batch, split(keys, rounds))  # (rounds, N, E)
+        per_seed = lambda x: jnp.swapaxes(x, 0, 1).reshape(x.shape[1], -1)[:, :args.eval_episodes]  # noqa: E731
+        return per_seed(returns), per_seed(costs)
 
     return Train(init, step, run, evaluate)
 
@@ -410,7 +435,7 @@ def make_train(args, env, eval_env):
 # ---------------------------------------------------------------------------------------------------------------------
 # Driver: input checks, run directory, logging, evaluation, checkpoints
 
-RESUMABLE_FLAGS = {"total_timesteps", "resume", "log_dir", "progress_bar", "track"}  # may differ on --resume
+RESUMABLE_FLAGS = {"total_timesteps", "resume", "log_dir", "progress_bar", "track", "max_env_workers"}  # may differ
 
 
 def flag(name):
@@ -449,8 +474,17 @@ def check_args(args):
             raise ValueError(f"--capture-video needs a Safety-Gymnasium task, not --env-id {args.env_id}")
     else:
         envs.check_env_id(args.env_id)
-        if args.num_seeds > 1:
-            raise ValueError(f"--num-seeds > 1 needs a pure-JAX env ({', '.join(envs.JAX_ENVS)}), not {args.env_id}")
+        if max(args.num_envs, args.eval_episodes) > envs.MAX_ENVS_PER_KIND:
+            name = "num_envs" if args.num_envs > envs.MAX_ENVS_PER_KIND else "eval_episodes"
+            raise ValueError(f"{flag(name)} must be at most {envs.MAX_ENVS_PER_KIND} (env seeds are assigned in "
+                             f"blocks of {envs.ENV_SEED_STRIDE} per run seed)")
+        limit = args.max_env_workers or max(32, 4 * (os.cpu_count() or 1))
+        if envs.num_workers(args) > limit:
+            raise ValueError(f"--max-env-workers: {args.num_seeds} seeds x ({args.num_envs} envs + "
+                             f"{min(args.eval_episodes, args.num_envs)} eval envs) = {envs.num_workers(args)} env "
+                             f"worker processes exceed the limit of {limit}; use fewer seeds or envs, or raise it")
+    if args.max_env_workers is not None and args.max_env_workers < 1:
+        raise ValueError(f"--max-env-workers must be positive, got {args.max_env_workers}")
     if args.track:
         try:
             import wandb  # noqa: F401
@@ -502,9 +536,10 @@ def load_checkpoint(run_dir, template):
     return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves]), counters
 
 
+@jax.vmap
 def continue_episodes(restored, fresh):
     """A restored runner continuing in host envs that were just reset: take their fresh observations, and mark the
-    last stored entry as an episode end (truncated) so no loss spans the gap."""
+    last stored entry as an episode end (truncated) so no loss spans the gap.  (Per seed, mapped over seeds.)"""
     last = (restored.buffer.position - 1) % restored.buffer.truncated.shape[1]
     buffer = restored.buffer._replace(truncated=restored.buffer.truncated.at[:, last].set(True))
     zeros = jnp.zeros(fresh.obs.shape[0])
@@ -590,11 +625,12 @@ class Tracker:
 def record_video(args, agent, path, key, policy_act):
     """One eval-mode episode on a rendering env (skybox included), saved as an mp4.
 
-    `policy_act` is `act` jitted in eval mode, built once per run so videos after the first do not recompile.
+    `policy_act` is `act` jitted in eval mode, built once per run so videos after the first do not recompile.  With
+    several seeds, the video shows the first seed's agent.
     """
     import imageio
 
-    env = envs.make_env(args.env_id, args.action_repeat, args.seed + 20_000, render=True)
+    env = envs.make_env(args.env_id, args.action_repeat, envs.video_env_seed(args.seed), render=True)
     obs, _ = env.reset()
     plan_mean = jnp.zeros((1, args.horizon, env.action_space.shape[0]))
     frames = [env.render()]
@@ -609,27 +645,38 @@ def record_video(args, agent, path, key, policy_act):
     imageio.mimsave(path, frames, fps=30)
 
 
+def seed_mesh(num_seeds):
+    """A one-axis mesh over the most local devices that divide the seeds evenly; says in one line what it uses."""
+    devices = jax.local_devices()
+    used = max(d for d in range(1, len(devices) + 1) if num_seeds % d == 0)
+    print(f"JAX: {num_seeds} seed{'s' * (num_seeds > 1)} on {used} of {len(devices)} local "
+          f"{devices[0].platform} device{'s' * (len(devices) > 1)} ({devices[0].device_kind})", flush=True)
+    return Mesh(np.array(devices[:used]), ("seed",))
+
+
 def train(args, resuming):
     """Run (or continue) training in args.log_dir: scanned chunks between log / eval / checkpoint points."""
     os.makedirs(args.log_dir, exist_ok=True)
     if not resuming:
         with open(os.path.join(args.log_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=2)
-    env, eval_env, vector_envs = envs.make_envs(args)
+    mesh = seed_mesh(args.num_seeds)
+    env, eval_env, vector_envs = envs.make_envs(args, mesh if mesh.size > 1 else None)
     fns = make_train(args, env, eval_env)
-    init, run, evaluate = fns.init, fns.run, fns.evaluate
-    seeds = args.num_seeds > 1
-    if seeds:  # several seeds in one program: a leading seed axis everywhere
-        init, run, evaluate = jax.vmap(init), functools.partial(run, num_seeds=args.num_seeds), jax.vmap(evaluate)
-    init, run, evaluate = jax.jit(init), jax.jit(run, donate_argnums=0), jax.jit(evaluate)
+    # The seed axis -- the leading axis of the runner and of the keys, the second of the per-step metrics -- is split
+    # over the mesh's devices; `jit` partitions the rest.
+    by_seed, by_step_and_seed = (NamedSharding(mesh, PartitionSpec("seed")),
+                                 NamedSharding(mesh, PartitionSpec(None, "seed")))
+    init = jax.jit(fns.init, out_shardings=by_seed)
+    run = jax.jit(fns.run, donate_argnums=0, out_shardings=(by_seed, by_step_and_seed))
+    evaluate = jax.jit(fns.evaluate, out_shardings=by_seed)
     video_act = jax.jit(functools.partial(act, cfg=args, eval_mode=True)) if args.capture_video else None
-    keys = jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
-    key = keys if seeds else keys[0]
-    runner = init(key)
+    seed_keys = lambda key: jax.device_put(jnp.stack(key), by_seed)  # noqa: E731
+    runner = init(seed_keys([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)]))
     counters = {"next_log": args.log_every, "next_eval": args.eval_every, "next_checkpoint": args.checkpoint_every}
     if resuming:
         restored, counters = load_checkpoint(args.log_dir, runner)
-        runner = continue_episodes(restored, runner) if vector_envs else restored
+        runner = jax.device_put(continue_episodes(restored, runner) if vector_envs else restored, by_seed)
     step = lambda: int(np.max(jax.device_get(runner.global_step)))  # noqa: E731  (equal over seeds)
     logger, trackers = Logger(args), [Tracker() for _ in range(args.num_seeds)]
     bar = None
@@ -646,7 +693,7 @@ def train(args, resuming):
             runner, metrics = run(runner, stop_at)
             metrics = jax.device_get(metrics)
             for i, tracker in enumerate(trackers):
-                tracker.add(jax.tree.map(lambda x: x[:, i], metrics) if seeds else metrics)  # (steps, seeds, ...)
+                tracker.add(jax.tree.map(lambda x: x[:, i], metrics))  # (steps, seeds, ...)
             now = step()
             if bar is not None:
                 bar.update(min(now, args.total_timesteps) - bar.n)
@@ -662,21 +709,20 @@ def train(args, resuming):
             rows = [{"global_step": now, "seed": args.seed + i} for i in range(args.num_seeds)]
             if "log" in fired:
                 sps, last_step = (now - last_step) / (time.time() - last_time), now
-                total_cost = np.reshape(jax.device_get(runner.total_cost), -1)
+                total_cost = jax.device_get(runner.total_cost)
                 for i, row in enumerate(rows):
                     row.update(trackers[i].row(), **{"train/cost_rate": float(total_cost[i]) / now, "charts/SPS": sps})
             if "eval" in fired:
                 video_key, *eval_keys = jax.random.split(jax.random.PRNGKey(now + args.seed), args.num_seeds + 1)
-                returns, costs = jax.device_get(evaluate(runner.agent, jnp.stack(eval_keys) if seeds else eval_keys[0]))
-                returns, costs = np.reshape(returns, (args.num_seeds, -1)), np.reshape(costs, (args.num_seeds, -1))
+                returns, costs = jax.device_get(evaluate(runner.agent, seed_keys(eval_keys)))  # (seeds, episodes)
                 for i, row in enumerate(rows):
                     row.update({"eval/return_mean": float(returns[i].mean()), "eval/return_std": float(returns[i].std()),
                                 "eval/cost_mean": float(costs[i].mean()), "eval/cost_std": float(costs[i].std())})
                 eval_note = f"eval return {returns.mean():.1f} cost {costs.mean():.1f}"
                 if args.capture_video:
                     os.makedirs(os.path.join(args.log_dir, "videos"), exist_ok=True)
-                    record_video(args, runner.agent, os.path.join(args.log_dir, "videos", f"eval_{now}.mp4"), video_key,
-                                 video_act)
+                    record_video(args, jax.tree.map(lambda x: x[0], runner.agent),
+                                 os.path.join(args.log_dir, "videos", f"eval_{now}.mp4"), video_key, video_act)
             logger.write(rows)
             if "checkpoint" in fired:
                 save_checkpoint(args.log_dir, runner, counters)

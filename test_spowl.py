@@ -386,21 +386,24 @@ def read_rows(run_dir):
 
 
 def test_safety_gymnasium_run_plans_updates_checkpoints_and_resumes(tmp_path):
-    """A short PointGoal1 run at a tiny size that plans and updates, then a resume that continues it."""
+    """A short 2-seed PointGoal1 run at a tiny size that plans and updates, then a resume that continues both seeds."""
     run = str(tmp_path / "run")
-    flags = ["--env-id", SG_ENV, "--num-envs", "2", "--learning-starts", "1000", "--log-every", "1000",
-             "--eval-every", "2000", "--eval-episodes", "1", "--checkpoint-every", "2000", "--buffer-size", "20000",
-             *TINY_FLAGS]
+    flags = ["--env-id", SG_ENV, "--num-seeds", "2", "--num-envs", "2", "--learning-starts", "1000", "--log-every",
+             "1000", "--eval-every", "2000", "--eval-episodes", "1", "--checkpoint-every", "2000", "--buffer-size",
+             "20000", *TINY_FLAGS]
     result = spowl_cli(*flags, "--total-timesteps", "2000", "--log-dir", run)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_rows(run)
-    assert [r["global_step"] for r in rows] == [1000, 2000]
-    last = rows[-1]
-    for key in ["eval/return_mean", "eval/cost_mean", "eval/return_std", "eval/cost_std", "train/cost_rate",
-                "losses/consistency", "losses/value", "losses/cost", "losses/cost_value", "losses/policy",
-                "lagrange/lambda", "lagrange/mu", "plan/balance", "charts/SPS"]:
-        assert key in last and np.isfinite(last[key]), key
-    assert 0.0 <= last["plan/balance"] <= 1.0
+    assert [(r["global_step"], r["seed"]) for r in rows] == [(1000, 1), (1000, 2), (2000, 1), (2000, 2)]
+    for last in rows[-2:]:
+        for key in ["eval/return_mean", "eval/cost_mean", "eval/return_std", "eval/cost_std", "train/cost_rate",
+                    "losses/consistency", "losses/value", "losses/cost", "losses/cost_value", "losses/policy",
+                    "lagrange/lambda", "lagrange/mu", "plan/balance", "charts/SPS"]:
+            assert key in last and np.isfinite(last[key]), key
+        assert 0.0 <= last["plan/balance"] <= 1.0
+    # Two independent runs: other env seeds and other networks give other numbers.
+    assert rows[-2]["losses/model"] != rows[-1]["losses/model"]
+    assert rows[-2]["train/cost_rate"] != rows[-1]["train/cost_rate"]
     assert os.path.isfile(os.path.join(run, "checkpoint.npz")) and os.path.isfile(os.path.join(run, "config.json"))
     with np.load(os.path.join(run, "checkpoint.npz")) as data:
         assert json.loads(str(data["counters"]))["next_checkpoint"] == 4000
@@ -408,17 +411,18 @@ def test_safety_gymnasium_run_plans_updates_checkpoints_and_resumes(tmp_path):
     result = spowl_cli("--resume", run, "--total-timesteps", "3000")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_rows(run)
-    assert [r["global_step"] for r in rows] == [1000, 2000, 3000]  # continued from 2000, not from 0
+    assert [r["global_step"] for r in rows] == [1000, 1000, 2000, 2000, 3000, 3000]  # continued from 2000, not 0
     # The resumed run updated from its first step on: the restored buffer held 2000 steps, so no random phase.
-    assert "losses/model" in rows[-1] and rows[-1]["plan/balance"] >= 0.0
+    for row in rows[-2:]:
+        assert "losses/model" in row and row["plan/balance"] >= 0.0
     with np.load(os.path.join(run, "checkpoint.npz")) as data:
         counters = json.loads(str(data["counters"]))
         leaves = [data[f"arr_{i}"] for i in range(len(data.files) - 1)]
     assert counters["next_checkpoint"] == 4000
-    # The replay buffer kept the first run's data: 2 envs x (1 + 200 + 100 + 1) entries (resets included).
-    sizes = [x for x in leaves if x.shape == ()]
-    assert any(int(x) == 1 + 3000 // 10 + 1 for x in sizes if x.dtype == np.int32), sorted(int(x) for x in sizes
-                                                                                           if x.dtype == np.int32)
+    assert all(x.shape[0] == 2 for x in leaves)  # every piece of state has its seed axis
+    # Each seed's replay buffer kept the first run's data: 2 envs x (1 + 200 + 100 + 1) entries (resets included).
+    sizes = [x.tolist() for x in leaves if x.shape == (2,) and x.dtype == np.int32]
+    assert [1 + 3000 // 10 + 1] * 2 in sizes, sizes
 
 
 def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
@@ -432,7 +436,7 @@ def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
         (["--total-timesteps", "-5"], "--total-timesteps"),
         (["--num-elites", "600"], "--num-elites"),
         (["--horizon", "0"], "--horizon"),
-        (["--num-seeds", "2"], "--num-seeds"),
+        (["--num-seeds", "3", "--max-env-workers", "50"], "--max-env-workers"),
         (["--resume", str(tmp_path / "missing")], "--resume"),
         (["--log-dir", str(existing)], "--log-dir"),
         (["--env-id", "JaxPointGoal1-v0", "--capture-video"], "--capture-video"),
@@ -462,18 +466,18 @@ def test_scanned_loop_matches_step_by_step_loop():
                                buffer_size=1000, log_every=480, eval_every=480, checkpoint_every=480, eval_episodes=2)
     env, eval_env, _ = envs.make_envs(args)
     fns = spowl.make_train(args, env, eval_env)
-    runner = jax.jit(fns.init)(jax.random.PRNGKey(0))
+    runner = jax.jit(fns.init)(jax.random.PRNGKey(0)[None])  # one seed
 
     scanned, metrics = jax.jit(fns.run)(runner, stop_at)
-    active = np.asarray(metrics["active"])
-    assert int(scanned.global_step) == stop_at and not active[-1]  # the chunk reached stop_at, then idled
+    active = np.asarray(metrics["active"])[:, 0]
+    assert int(scanned.global_step[0]) == stop_at and not active[-1]  # the chunk reached stop_at, then idled
     learning = np.asarray(metrics["learning"])[active]
     assert learning.any() and not learning.all()  # random steps, then planning and updates, inside the window
     assert np.asarray(metrics["ended"])[active].any()  # an episode end (and the reset after it) inside the window
 
     step = jax.jit(fns.step)
     stepped, num_steps = runner, 0
-    while int(stepped.global_step) < stop_at:
+    while int(stepped.global_step[0]) < stop_at:
         stepped, _ = step(stepped)
         num_steps += 1
     assert num_steps == active.sum()
