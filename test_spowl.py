@@ -380,20 +380,42 @@ def spowl_cli(*flags, timeout=900):
                           cwd=REPO_DIR)
 
 
+def spowl_start(*flags, env=None):
+    """spowl.py started in the background (stdout and stderr captured)."""
+    return subprocess.Popen([sys.executable, "spowl.py", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO_DIR, env=env)
+
+
 def read_rows(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
-def test_safety_gymnasium_run_plans_updates_checkpoints_and_resumes(tmp_path):
-    """A short 2-seed PointGoal1 run at a tiny size that plans and updates, then a resume that continues both seeds."""
-    run = str(tmp_path / "run")
+def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_path):
+    """A short 2-seed PointGoal1 run at a tiny size that plans and updates; the same run with the seeds sharded over
+    2 (forced host) devices gives the same rows; a resume continues both seeds.
+
+    The sharded rows must be identical, not close: an act and an update call of 2 seeds on 1 and on 2 devices were
+    compared and agree bit for bit with 2 or more envs per seed.  With a single env per seed they do not: XLA's CPU
+    backend then computes each seed's matrix-vector products with another kernel on a device of its own (up to
+    7.6e-6 apart in one 92-long dot product, 6e-8 in the actions), and the closed loop of an eval episode amplifies
+    that into another episode.  Hence 2 eval envs per seed here.
+    """
+    run, sharded = str(tmp_path / "run"), str(tmp_path / "sharded")
     flags = ["--env-id", SG_ENV, "--num-seeds", "2", "--num-envs", "2", "--learning-starts", "1000", "--log-every",
-             "1000", "--eval-every", "2000", "--eval-episodes", "1", "--checkpoint-every", "2000", "--buffer-size",
+             "1000", "--eval-every", "2000", "--eval-episodes", "2", "--checkpoint-every", "2000", "--buffer-size",
              "20000", *TINY_FLAGS]
-    result = spowl_cli(*flags, "--total-timesteps", "2000", "--log-dir", run)
-    assert result.returncode == 0, result.stderr[-3000:]
+    two_devices = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    processes = [spowl_start(*flags, "--total-timesteps", "2000", "--log-dir", run),
+                 spowl_start(*flags, "--total-timesteps", "2000", "--log-dir", sharded, env=two_devices)]
+    (stdout, stderr), (sharded_stdout, sharded_stderr) = [p.communicate(timeout=900) for p in processes]
+    assert processes[0].returncode == 0, stderr[-3000:]
+    assert processes[1].returncode == 0, sharded_stderr[-3000:]
+    assert "JAX: 2 seeds on 1 of 1 local cpu device" in stdout
+    assert "JAX: 2 seeds on 2 of 2 local cpu devices" in sharded_stdout
     rows = read_rows(run)
+    untimed = lambda row: {k: v for k, v in row.items() if k != "charts/SPS"}  # noqa: E731
+    assert [untimed(r) for r in read_rows(sharded)] == [untimed(r) for r in rows]
     assert [(r["global_step"], r["seed"]) for r in rows] == [(1000, 1), (1000, 2), (2000, 1), (2000, 2)]
     for last in rows[-2:]:
         for key in ["eval/return_mean", "eval/cost_mean", "eval/return_std", "eval/cost_std", "train/cost_rate",
@@ -420,7 +442,7 @@ def test_safety_gymnasium_run_plans_updates_checkpoints_and_resumes(tmp_path):
         leaves = [data[f"arr_{i}"] for i in range(len(data.files) - 1)]
     assert counters["next_checkpoint"] == 4000
     assert all(x.shape[0] == 2 for x in leaves)  # every piece of state has its seed axis
-    # Each seed's replay buffer kept the first run's data: 2 envs x (1 + 200 + 100 + 1) entries (resets included).
+    # Each seed's replay buffer kept the first run's data: 1 + 200 + 100 + 1 entries per env (resets included).
     sizes = [x.tolist() for x in leaves if x.shape == (2,) and x.dtype == np.int32]
     assert [1 + 3000 // 10 + 1] * 2 in sizes, sizes
 
