@@ -93,7 +93,7 @@ class Args:
     enc_dim: int = 256
     """hidden width of the encoder"""
     num_enc_layers: int = 2
-    """encoder layers (hidden layers + 1)"""
+    """encoder layers (hidden layers + 1), at least one hidden layer as in the authors' code (so 1 acts as 2)"""
     simnorm_dim: int = 8
     """SimNorm group size"""
     num_q: int = 5
@@ -103,7 +103,7 @@ class Args:
     dropout: float = 0.01
     """dropout on the first layer of the Q and cost-value heads"""
     cost_dropout: float = 0.0
-    """dropout on the first layer of the cost heads"""
+    """dropout on the first layer of the cost heads (in the world-model loss; planning runs without it)"""
     num_bins: int = 101
     """bins of the discrete regression"""
     vmin: float = -10.0

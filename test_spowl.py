@@ -22,7 +22,7 @@ import jax_env
 import spowl
 from planner import act, select_elites
 from policy import augmented_lagrangian, init_policy, update_multipliers
-from world_model import (WorldModel, decode, simnorm, symexp, symlog, two_hot, world_model_loss)
+from world_model import WorldModel, decode, init_world_model, simnorm, symexp, symlog, two_hot, world_model_loss
 
 # A small model that compiles and runs quickly on a CPU.
 TINY = spowl.Args(latent_dim=32, mlp_dim=64, enc_dim=32, num_samples=32, num_pi_trajs=4, num_elites=8, iterations=2,
@@ -96,14 +96,46 @@ def test_world_model_loss_drops_on_a_fixed_batch():
     assert np.mean(losses[-10:]) <= 0.5 * losses[0], (losses[0], losses[-10:])
 
 
+def perturbed_model(args):
+    """A fresh world model with every parameter perturbed: the heads' output layers are no longer zero, so every loss
+    term depends on its inputs (and on dropout)."""
+    model = init_world_model(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
+    leaves, treedef = jax.tree.flatten(model)
+    keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
+    return jax.tree.unflatten(treedef, [w + 0.1 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)])
+
+
+def test_cost_dropout_is_active_in_the_world_model_loss():
+    """--cost-dropout acts where the authors' `make_step` runs the cost heads in training mode: the world-model loss."""
+    batch = random_batch(jax.random.PRNGKey(1), TINY)
+    h, b = batch.reward.shape
+    z_next = jax.random.uniform(jax.random.PRNGKey(2), (h, b, TINY.latent_dim))
+
+    def cost_loss(rate, key):
+        args = dataclasses.replace(TINY, cost_dropout=rate)
+        _, (terms, _) = world_model_loss(perturbed_model(args), batch, z_next, jnp.ones((h, b)), jnp.ones((h, b)),
+                                         jax.random.PRNGKey(key), args)
+        return float(terms["cost"])
+
+    assert abs(cost_loss(0.5, 0) - cost_loss(0.5, 1)) > 1e-4
+    assert cost_loss(0.0, 0) == cost_loss(0.0, 1)
+
+
+def test_one_encoder_layer_keeps_a_hidden_layer():
+    """As in the authors' `WorldModel.__init__`: max(num_enc_layers - 1, 1) hidden layers."""
+    def shapes(num_enc_layers):
+        args = dataclasses.replace(TINY, num_enc_layers=num_enc_layers)
+        return [w.shape for w in init_world_model(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM).encoder.weights]
+
+    hidden_layer = [(OBS_DIM, TINY.enc_dim), (TINY.enc_dim, TINY.latent_dim)]
+    assert shapes(1) == shapes(2) == hidden_layer
+    assert len(shapes(3)) == 3
+
+
 def test_no_loss_term_spans_an_episode_boundary():
     """Whatever lies across a boundary (valid=False) -- action, reward, cost, targets -- changes no loss term."""
     args = TINY
-    model = spowl.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM).model
-    # Give the heads non-zero output layers, so every term depends on its inputs.
-    leaves, treedef = jax.tree.flatten(model)
-    keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
-    model = jax.tree.unflatten(treedef, [w + 0.1 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)])
+    model = perturbed_model(args)
     batch = random_batch(jax.random.PRNGKey(1), args)
     valid = jnp.ones_like(batch.valid).at[1, :5].set(False).at[0, 7].set(False)
     batch = batch._replace(valid=valid)

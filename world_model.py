@@ -134,7 +134,8 @@ def init_world_model(key, cfg, obs_dim, action_dim):
     keys = jax.random.split(key, 6)
     latent, hidden = cfg.latent_dim, cfg.mlp_dim
     head = [latent + action_dim, hidden, hidden, cfg.num_bins]
-    encoder_sizes = [obs_dim] + [cfg.enc_dim] * (cfg.num_enc_layers - 1) + [latent]
+    # At least one hidden layer even for num_enc_layers=1, as the authors' `WorldModel.__init__`.
+    encoder_sizes = [obs_dim] + [cfg.enc_dim] * max(cfg.num_enc_layers - 1, 1) + [latent]
     return WorldModel(
         encoder=mlp(keys[0], encoder_sizes, simnorm_groups=cfg.simnorm_dim),
         dynamics=mlp(keys[1], [latent + action_dim, hidden, hidden, latent], simnorm_groups=cfg.simnorm_dim),
@@ -217,13 +218,14 @@ def world_model_loss(model, batch, z_next, q_target, cost_value_target, key, cfg
     z_last, (zs, z_preds) = jax.lax.scan(rollout, z0, (batch.action, z_next, batch.valid))
     za = jnp.concatenate([zs, batch.action], -1)
     mask = batch.valid.astype(jnp.float32)
-    key_q, key_c = jax.random.split(key)
-    cost_weight = jnp.where(batch.cost > 0, cfg.cost_imb_weight, 1.0)  # cost signals are rare (SPEC 6.3)
+    # Every ensemble runs in training mode here, the cost heads included, as in the authors' `make_step`.
+    key_q, key_c, key_cost = jax.random.split(key, 3)
+    cost_weight = jnp.where(batch.cost > 0, cfg.cost_imb_weight, 1.0)  # cost signals are rare (authors' `make_step`)
     per_step = {  # each (H, B)
         "consistency": ((z_preds - z_next) ** 2).mean(-1),
         "reward": soft_ce(model.reward(za), batch.reward, cfg),
         "value": soft_ce(ensemble_apply(model.q, za, key_q), q_target, cfg).mean(0),
-        "cost": soft_ce(ensemble_apply(model.cost, za), batch.cost, cfg).mean(0) * cost_weight,
+        "cost": soft_ce(ensemble_apply(model.cost, za, key_cost), batch.cost, cfg).mean(0) * cost_weight,
         "cost_value": soft_ce(ensemble_apply(model.cost_value, za, key_c), cost_value_target, cfg).mean(0),
     }
     rho = cfg.rho ** jnp.arange(batch.action.shape[0])
