@@ -72,8 +72,8 @@ class Args:
     # Agent modes (Sec. 5.1-5.2)
     planner: Literal["spowl", "tdmpc2", "cce"] = "spowl"
     """elite selection: safe improvement (Alg. 1), unsafe TD-MPC2 baseline (no cost anywhere), constrained CE"""
-    act: Literal["switch", "plan", "policy"] = "switch"
-    """acting: plan/policy switch (Alg. 2), plan only, policy only"""
+    act: Optional[Literal["switch", "plan", "policy"]] = None
+    """acting: plan/policy switch (Alg. 2), plan only, policy only; left out: switch, or plan under --planner tdmpc2"""
 
     # Environment and schedule (SPEC 1-2)
     action_repeat: int = 5
@@ -438,6 +438,9 @@ def check_args(args):
     if (args.num_envs * args.utd_ratio) % 1:
         raise ValueError(f"--num-envs x --utd-ratio ({args.num_envs} x {args.utd_ratio}) must be a whole number of "
                          "updates per vector step")
+    if args.ci_thresholds and args.switch_rule == "mean":
+        raise ValueError("--ci-thresholds takes d_R, d_c from the policy action's bootstrap interval, which "
+                         "--switch-rule mean does not compute; use it with --switch-rule ci")
     if args.num_pi_trajs >= args.num_samples:
         raise ValueError(f"--num-pi-trajs ({args.num_pi_trajs}) must be below --num-samples ({args.num_samples})")
     if args.latent_dim % args.simnorm_dim:
@@ -458,9 +461,20 @@ def check_args(args):
             raise ValueError("--track needs Weights & Biases: pip install wandb") from None
 
 
+def resolve_act(args):
+    """--act left out: the switch (Alg. 2), or plan only under --planner tdmpc2, so that `--planner tdmpc2` alone is
+    the unsafe TD-MPC2 baseline of Sec. 5.4 (a switch would still consult the cost values)."""
+    if args.act is not None:
+        return args
+    return dataclasses.replace(args, act="plan" if args.planner == "tdmpc2" else "switch")
+
+
 def prepare_run(args, cli_flags):
-    """Resolve --resume and --log-dir into (args, run directory, resuming?).  Never touches an existing run."""
+    """Resolve --act, --resume and --log-dir into (args, resuming?).  Never touches an existing run.
+
+    The resolved --act is what config.json stores, so a resumed run acts as it did."""
     if args.resume is None:
+        args = resolve_act(args)
         check_args(args)
         log_dir = args.log_dir or f"runs/{args.env_id}__{args.seed}__{int(time.time())}"
         if os.path.exists(log_dir):

@@ -468,6 +468,7 @@ def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
         (["--resume", str(tmp_path / "missing")], "--resume"),
         (["--log-dir", str(existing)], "--log-dir"),
         (["--env-id", "JaxPointGoal1-v0", "--capture-video"], "--capture-video"),
+        (["--ci-thresholds", "--switch-rule", "mean"], "--ci-thresholds"),
     ]
     for flags, name in cases:
         result = spowl_cli(*flags, "--log-dir", str(tmp_path / "new"), timeout=120) if "--log-dir" not in flags \
@@ -478,6 +479,24 @@ def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
         assert len(message) == 1 and name in message[0], (flags, result.stderr[-2000:])
     assert not (tmp_path / "new").exists()  # nothing started
     assert (existing / "metrics.jsonl").read_text() == "keep me\n"
+
+
+def test_tdmpc2_alone_is_the_plan_only_baseline_and_resumes_as_such(tmp_path):
+    """Left out, --act is the switch, or plan under --planner tdmpc2; an explicit --act wins.  The resolved value is
+    the one the run directory's config.json holds, so --resume keeps it."""
+    def prepare(**fields):
+        args = spowl.Args(env_id=jax_env.ENV_ID, log_dir=str(tmp_path / "new"), **fields)
+        return spowl.prepare_run(args, set(fields) | {"env_id", "log_dir"})[0]
+
+    assert prepare().act == "switch" and prepare(planner="cce").act == "switch"
+    assert prepare(planner="tdmpc2", act="switch").act == "switch"
+    baseline = prepare(planner="tdmpc2")
+    assert baseline.act == "plan"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(baseline)))  # as `train` writes it
+    resumed, resuming = spowl.prepare_run(spowl.Args(resume=str(run), planner="tdmpc2"), {"resume", "planner"})
+    assert resuming and resumed.act == "plan"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -564,7 +583,7 @@ def final_eval(run_dir):
 
 
 def test_learn_spowl_is_safer_than_unsafe_tdmpc2(tmp_path):
-    """SPOWL vs the same run with `--planner tdmpc2 --act plan` (no cost anywhere), both from scratch in parallel.
+    """SPOWL vs the same run with `--planner tdmpc2` (plan only, no cost anywhere), both from scratch in parallel.
 
     Measured with these flags, mean over seeds 1-3 (eval: 16 episodes per seed), and the bars they set:
         tdmpc2 (unsafe):   return 23.6, cost 20.9
@@ -577,7 +596,7 @@ def test_learn_spowl_is_safer_than_unsafe_tdmpc2(tmp_path):
     4 seeds: 0.98 x return, 0.58 x cost); lambda 0.3-0.4 there cut the return to 0.55-0.82 x.
     """
     runs = {"spowl": ["--lagrange-init", LAMBDA, "--penalty-init", "1e-8", "--penalty-growth", "0"],
-            "tdmpc2": ["--planner", "tdmpc2", "--act", "plan"]}
+            "tdmpc2": ["--planner", "tdmpc2"]}
     # Compiling dominates these short runs; XLA's CPU backend at optimisation level 1 compiles in about half the time
     # and, measured at this size, trains just as fast.
     env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=1"}
