@@ -75,7 +75,7 @@ class Args:
     act: Optional[Literal["switch", "plan", "policy"]] = None
     """acting: plan/policy switch (Alg. 2), plan only, policy only; left out: switch, or plan under --planner tdmpc2"""
 
-    # Environment and schedule (SPEC 1-2)
+    # Environment and schedule (Sec. 5; the authors' `spowl/configs/config.yaml`)
     action_repeat: int = 5
     """raw env steps per agent step (reward and cost summed); Safety-Gymnasium only"""
     buffer_size: int = 1_000_000
@@ -85,7 +85,7 @@ class Args:
     batch_size: int = 256
     """windows of horizon+1 steps per gradient update"""
 
-    # World model (SPEC 4-6)
+    # World model (Sec. 4.1, Fig. 1, Eq. 5-6; the authors' `spowl/configs/agent/spowl.yaml`)
     latent_dim: int = 512
     """latent size L (a multiple of simnorm-dim)"""
     mlp_dim: int = 512
@@ -145,7 +145,7 @@ class Args:
     policy_adam_eps: float = 1e-5
     """Adam epsilon of the policy optimiser"""
 
-    # Safe policy (Eq. 7-10, SPEC 7)
+    # Safe policy (Sec. 4.2, Eq. 7-10)
     log_std_min: float = -10.0
     """lower bound of the policy log-std"""
     log_std_max: float = 2.0
@@ -171,7 +171,7 @@ class Args:
     lagrange_max: float = 10.0
     """upper bound of lambda (inf: the paper's unbounded multiplier)"""
 
-    # Planner (Eq. 11-12, Alg. 1-2, SPEC 9-11)
+    # Planner (Sec. 4.3-4.4 and 5.1, Eq. 11-12, Alg. 1-2)
     horizon: int = 3
     """planning and training horizon H"""
     iterations: int = 6
@@ -205,7 +205,8 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Agent: parameters, optimiser states and Lagrangian state, updated together (SPEC 8)
+# Agent: parameters, optimiser states and Lagrangian state, updated together (the authors' `make_step` in
+# `spowl/spowl/update.py`; optimisers as their `make_world_model`)
 
 
 class Agent(NamedTuple):
@@ -336,14 +337,13 @@ def make_train(args, env, eval_env):
         learning = is_learning(runner) if learning is None else learning
 
         def planned():
-            action, mean, info = act(agent.model, agent.policy, runner.obs, runner.plan_mean, key_act, args)
-            return action, mean, info["used_plan"]
+            return act(agent.model, agent.policy, runner.obs, runner.plan_mean, key_act, args)
 
         def random():
             action = jax.random.uniform(key_act, (num_envs, env.action_dim), minval=-1, maxval=1)
-            return action, runner.plan_mean, jnp.zeros(num_envs, bool)
+            return action, runner.plan_mean, zeros_like_output(planned)[2]
 
-        action, plan_mean, used_plan = jax.lax.cond(learning, planned, random)
+        action, plan_mean, act_info = jax.lax.cond(learning, planned, random)
         env_state, obs, reward, cost, terminated, truncated, raw_steps = env.step(runner.env_state, action, key_env)
         resetting = runner.ended  # this step only reset those envs: store the reset obs as an episode start
         action = jnp.where(resetting[:, None], 0.0, action)
@@ -354,9 +354,9 @@ def make_train(args, env, eval_env):
         ended = terminated | truncated
         episode_return = jnp.where(resetting, 0.0, runner.episode_return) + reward
         episode_cost = jnp.where(resetting, 0.0, runner.episode_cost) + cost
-        metrics = {"learning": learning, "used_plan": used_plan.mean(), "ended": ended,
-                   "episode_return": episode_return, "episode_cost": episode_cost,
-                   "multiplier": agent.multiplier, "penalty": agent.penalty, **info}
+        metrics = {"learning": learning, "ended": ended, "episode_return": episode_return, "episode_cost": episode_cost,
+                   "multiplier": agent.multiplier, "penalty": agent.penalty, **info,
+                   **jax.tree.map(jnp.mean, act_info)}  # planner and switch diagnostics, averaged over envs
         runner = Runner(agent, buffer, env_state, obs, ended, jnp.where(resetting[:, None, None], 0.0, plan_mean),
                         episode_return, episode_cost, runner.global_step + raw_steps.sum(),
                         runner.total_cost + cost.sum(), key)
@@ -379,7 +379,7 @@ def make_train(args, env, eval_env):
         return jax.lax.scan(gated_step, runner, None, length=chunk_length)
 
     def evaluate(agent, key):
-        """`eval_episodes` full episodes in eval mode (SPEC 10), `eval_env.num_envs` at a time from fresh resets."""
+        """`eval_episodes` full episodes in eval mode (see `act`), `eval_env.num_envs` at a time from fresh resets."""
 
         def episode_batch(key):
             key_reset, key = jax.random.split(key)
@@ -563,11 +563,17 @@ class Logger:
             self.wandb.finish()
 
 
-LOSS_NAMES = {"consistency": "losses/consistency", "reward": "losses/reward", "value": "losses/value",
-              "cost": "losses/cost", "cost_value": "losses/cost_value", "model_loss": "losses/model",
-              "policy_loss": "losses/policy", "reward_loss": "losses/policy_reward", "psi": "losses/psi",
-              "delta": "lagrange/delta", "scale": "policy/scale", "entropy": "policy/entropy",
-              "q_target": "values/q_target", "cost_value_target": "values/cost_value_target"}
+# Per-step scalars of the scan, averaged over learning steps between log rows, by their log keys.  The planner's
+# diagnostics exist only where they apply: none under --act policy, thresholds and no_improvement only under
+# --planner spowl, the switch's bounds only under --act switch.
+METRIC_NAMES = {"consistency": "losses/consistency", "reward": "losses/reward", "value": "losses/value",
+                "cost": "losses/cost", "cost_value": "losses/cost_value", "model_loss": "losses/model",
+                "policy_loss": "losses/policy", "reward_loss": "losses/policy_reward", "psi": "losses/psi",
+                "delta": "lagrange/delta", "scale": "policy/scale", "entropy": "policy/entropy",
+                "q_target": "values/q_target", "cost_value_target": "values/cost_value_target",
+                "used_plan": "plan/balance", "elites": "plan/elites", "no_improvement": "plan/no_improvement",
+                "d_reward": "plan/d_reward", "d_cost": "plan/d_cost", "q_low": "switch/q_low",
+                "qc_high": "switch/qc_high"}
 
 
 class Tracker:
@@ -579,7 +585,7 @@ class Tracker:
     def add(self, metrics):  # metrics: this seed's chunk outputs, numpy arrays with a leading step axis
         active = metrics["active"]
         learning = active & metrics["learning"]
-        for name in [*LOSS_NAMES, "used_plan"]:
+        for name in [n for n in METRIC_NAMES if n in metrics]:
             self.sums[name] = self.sums.get(name, 0.0) + float(metrics[name][learning].sum())
         self.learning_steps += int(learning.sum())
         ended = metrics["ended"] & active[:, None]
@@ -592,8 +598,7 @@ class Tracker:
     def row(self):
         row = dict(getattr(self, "last", {}))
         if self.learning_steps:
-            row.update({LOSS_NAMES[n]: self.sums[n] / self.learning_steps for n in LOSS_NAMES})
-            row["plan/balance"] = self.sums["used_plan"] / self.learning_steps
+            row.update({METRIC_NAMES[n]: total / self.learning_steps for n, total in self.sums.items()})
         if self.returns:
             row.update({"train/episode_return": float(np.mean(self.returns)),
                         "train/episode_cost": float(np.mean(self.costs))})

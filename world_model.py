@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Discrete regression (SPEC 5)
+# Discrete regression (Fig. 1, after TD-MPC2; the authors' `spowl/spowl/math.py`)
 
 
 def symlog(x):
@@ -49,7 +49,7 @@ def soft_ce(logits, x, cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Networks (SPEC 4)
+# Networks (Fig. 1; the authors' `spowl/spowl/layers.py`)
 
 
 def simnorm(x, group_size):
@@ -130,7 +130,7 @@ class WorldModel(eqx.Module):
 
 
 def init_world_model(key, cfg, obs_dim, action_dim):
-    """All components of Fig. 1 with the SPEC 4 sizes; the target ensembles start as copies (see `targets`)."""
+    """All components of Fig. 1, shaped as the authors' `WorldModel.__init__`; the targets start as copies."""
     keys = jax.random.split(key, 6)
     latent, hidden = cfg.latent_dim, cfg.mlp_dim
     head = [latent + action_dim, hidden, hidden, cfg.num_bins]
@@ -176,7 +176,7 @@ def aggregate(values, key, num, how):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Training (Eq. 5-6, SPEC 6)
+# Training (Eq. 5-6)
 
 
 def td_targets(target, z_next, action_next, reward, cost, terminated, key, cfg):
@@ -201,7 +201,7 @@ def masked_mean(x, mask):
 
 
 def world_model_loss(model, batch, z_next, q_target, cost_value_target, key, cfg):
-    """World-model loss of Eq. 5 with the authors' weighting (SPEC 6).
+    """World-model loss of Eq. 5 with the authors' weighting (`make_step` in `spowl/spowl/update.py`).
 
     `batch` holds obs (H+1, B, O), action (H, B, A), reward, cost and valid (H, B); `valid` is False where a
     transition crosses an episode boundary.  There the step's losses are masked and the rollout restarts from the
