@@ -31,6 +31,7 @@ def median_ms(fn, repeats):
 
 def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600):
     """`env_steps` vector steps of uniform random actions time the raw env (0 skips it)."""
+    args = spowl.resolve_act(args)
     spowl.check_args(args)
     if args.env_id in envs.JAX_ENVS:
         module = envs.JAX_ENVS[args.env_id]

@@ -1,9 +1,10 @@
-"""A device-resident circular replay buffer as pure functions, one time-ordered ring per parallel env (SPEC 3).
+"""A device-resident circular replay buffer as pure functions, one time-ordered ring per parallel env
+(the authors' `spowl/common/buffer.py`, `sample_from_buffer`, samples windows the same way).
 
 Entry i of an env's ring holds (obs_i, action_i, reward_i, cost_i, terminated_i, truncated_i), where action_i,
 reward_i and cost_i are what led to obs_i.  A sample is B windows of H+1 consecutive entries of one env.  Windows may
 cross an episode end; `valid` marks the transitions that do not, and every loss term of the others is masked
-(SPEC 3, 6), so no loss is ever computed across an episode boundary.
+(as the `done` mask of the authors' `make_step`), so no loss is ever computed across an episode boundary.
 """
 
 from typing import NamedTuple

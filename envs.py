@@ -28,7 +28,8 @@ import jax_env
 JAX_ENVS = {jax_env.ENV_ID: jax_env}  # the project's pure-JAX tasks, by env id
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Safety-Gymnasium behind a fixed-shape, next-step auto-resetting vector API (SPEC 1)
+# Safety-Gymnasium behind a fixed-shape, next-step auto-resetting vector API (the authors' `ActionRepeat` and
+# `Autoreset` in `spowl/common/wrappers.py`)
 
 # Safety-Gymnasium is imported where it is used: version 1.0.0 imports only on Python 3.10 (on 3.11+ a dataclass
 # field with an ndarray default raises at import time), and the rest of this file must import everywhere.
@@ -73,7 +74,7 @@ def _without_skybox():
 
 
 class SpowlEnv(gymnasium.Wrapper):
-    """Clipped actions, action repeat, float32 observations and next-step auto-reset (SPEC 1).
+    """Clipped actions, action repeat, float32 observations and next-step auto-reset (as the authors' wrappers).
 
     One `step` repeats the action for up to `action_repeat` raw steps, summing reward and cost and stopping early at
     an episode end. The wrapper never reports `terminated`/`truncated` itself, so Gymnasium 0.28's vector envs, which
@@ -115,7 +116,7 @@ class SpowlEnv(gymnasium.Wrapper):
 
 
 def make_env(env_id: str, action_repeat: int, seed: int, render: bool = False) -> gymnasium.Env:
-    """One Safety-Gymnasium env with the SPEC 1 wrappers; `render=True` keeps the skybox for `env.render()` frames."""
+    """One Safety-Gymnasium env with the wrappers above; `render=True` keeps the skybox for `env.render()` frames."""
     import safety_gymnasium
 
     # `safety_gymnasium.make` already adds the registered time limit (1000 raw steps for Goal/Push/Button), beneath
@@ -155,8 +156,9 @@ def vector_step(envs: gymnasium.vector.VectorEnv, actions: np.ndarray) -> tuple:
 # Environments: one pure interface for both kinds, batched over seeds (N) and the envs of each seed (E)
 #   reset(keys (N, 2)) -> (env_state, obs (N, E, O))
 #   step(env_state, action (N, E, A), keys (N, 2)) -> (env_state, obs, reward, cost, terminated, truncated, raw_steps)
-# with *next-step* auto-reset (SPEC 1): after an episode's final observation (returned with its flag) the next action
-# is ignored and the env returns the reset observation with reward 0, cost 0, no flags and 0 raw steps.
+# with *next-step* auto-reset (as the authors' `Autoreset`): after an episode's final observation (returned with its
+# flag) the next action is ignored and the env returns the reset observation with reward 0, cost 0, no flags and 0 raw
+# steps.
 
 
 class Env(NamedTuple):

@@ -56,11 +56,13 @@ def select_elites(value, cost_value, d_reward, d_cost, is_prior, num_elites, res
     """SelectElites (Alg. 1): the sequences that beat both thresholds, capped to the top-k by J.
 
     Improvement set = {J >= d_R and J_c <= d_c}; if it is empty the elites are the policy prior, if it has at most
-    k members all of them, else the k best by J (`restrict=False` drops the cap).  Returns (elite mask, MPPI score).
+    k members all of them, else the k best by J (`restrict=False` drops the cap).  Returns (elite mask, MPPI score,
+    whether the set was empty): the flag tells the fallback apart from an improvement set as large as the prior.
     """
     improvement = (value >= d_reward) & (cost_value <= d_cost)
     elites = improvement & top_k_mask(jnp.where(improvement, value, -jnp.inf), num_elites) if restrict else improvement
-    return jnp.where(improvement.any(), elites, is_prior), value
+    empty = ~improvement.any()
+    return jnp.where(empty, is_prior, elites), value, empty
 
 
 def select_top_k(value, num_elites):
@@ -85,7 +87,9 @@ def plan(model, policy, z, prev_mean, policy_value, policy_cost_value, key, cfg,
     one step as the warm start.  policy_value / policy_cost_value are the switch's bounds for the policy action,
     used as d_R / d_c only when `cfg.ci_thresholds` is set (the authors' `use_ci_thresholds`, off by default).
     Returns the plan action (A,) -- one elite drawn with its MPPI weight, plus std[0] noise in training -- the
-    new plan mean (H, A) and the number of elites of the last iteration.
+    new plan mean (H, A) and the last iteration's diagnostics: `elites` (their number) and, for SPOWL's rule only,
+    `no_improvement` (the improvement set was empty, so the elites are the policy prior) and the thresholds
+    `d_reward`, `d_cost`.
     """
     horizon, num_prior, num_samples = cfg.horizon, cfg.num_pi_trajs, cfg.num_samples
     action_dim = prev_mean.shape[-1]
@@ -105,13 +109,15 @@ def plan(model, policy, z, prev_mean, policy_value, policy_cost_value, key, cfg,
         noise = jax.random.normal(key_sample, (horizon, num_samples - num_prior, action_dim))
         actions = jnp.concatenate([prior, jnp.clip(mean[:, None] + std[:, None] * noise, -1, 1)], 1)  # (H, N, A)
         value, cost_value = map(jnp.nan_to_num, estimate_value(model, policy, z, actions, key_value, cfg))
+        diagnostics = {}
         if cfg.planner == "spowl":
             if cfg.ci_thresholds:
                 d_reward, d_cost = policy_value, policy_cost_value
-            else:  # adaptive thresholds of Eq. 12, from the policy prior (SPEC 12)
+            else:  # adaptive thresholds of Eq. 12, from the policy prior as in Fig. 2's caption
                 d_reward, d_cost = value[:num_prior].mean(), cost_value[:num_prior].mean()
-            elites, score = select_elites(value, cost_value, d_reward, d_cost, is_prior, cfg.num_elites,
-                                          cfg.restrict_elites)
+            elites, score, empty = select_elites(value, cost_value, d_reward, d_cost, is_prior, cfg.num_elites,
+                                                 cfg.restrict_elites)
+            diagnostics = {"no_improvement": empty, "d_reward": d_reward, "d_cost": d_cost}
         elif cfg.planner == "tdmpc2":
             elites, score = select_top_k(value, cfg.num_elites)
         else:
@@ -120,21 +126,24 @@ def plan(model, policy, z, prev_mean, policy_value, policy_cost_value, key, cfg,
         weights = jax.nn.softmax(jnp.where(elites, cfg.temperature * score, -jnp.inf))
         mean = jnp.einsum("n,hna->ha", weights, actions)
         std = jnp.sqrt(jnp.einsum("n,hna->ha", weights, (actions - mean[:, None]) ** 2))
-        return (mean, jnp.clip(std, cfg.min_std, cfg.max_std), actions, weights), elites.sum()
+        std = jnp.clip(std, cfg.min_std, cfg.max_std)
+        return (mean, std, actions, weights), {"elites": elites.sum(), **diagnostics}
 
     warm_start = jnp.concatenate([prev_mean[1:], jnp.zeros((1, action_dim))])
     init = (warm_start, jnp.full((horizon, action_dim), cfg.max_std), jnp.zeros((horizon, num_samples, action_dim)),
             jnp.zeros(num_samples))
-    (mean, std, actions, weights), num_elites = jax.lax.scan(
+    (mean, std, actions, weights), per_iteration = jax.lax.scan(
         iteration, init, jax.random.split(key_iterations, cfg.iterations))
     action = actions[0, jax.random.categorical(key_pick, jnp.log(weights))]
     if not eval_mode:
         action = action + std[0] * jax.random.normal(key_noise, (action_dim,))
-    return jnp.clip(action, -1, 1), mean, num_elites[-1]
+    return jnp.clip(action, -1, 1), mean, jax.tree.map(lambda x: x[-1], per_iteration)
 
 
 def bootstrap_interval(values, key, cfg):
-    """95 % bootstrap confidence interval of the mean of an ensemble's values (n,): -> (low, high) (SPEC 9.1)."""
+    """95 % bootstrap confidence interval of the mean of an ensemble's values (n,): -> (low, high).
+
+    As the authors' `get_action_stats` in `spowl/spowl/policies.py`."""
     resampled = jax.random.choice(key, values, (cfg.ci_resamples, values.shape[0])).mean(-1)
     return jnp.percentile(resampled, 2.5), jnp.percentile(resampled, 97.5)
 
@@ -143,11 +152,14 @@ def act(model, policy, obs, prev_mean, key, cfg, eval_mode=False):
     """SPOWL model predictive control for a batch of envs (Alg. 2): plan, then switch between plan and policy.
 
     obs (E, O), prev_mean (E, H, A).  The switch (`act='switch'`) executes the plan action iff its Q_avg is at
-    least the policy action's bound and its Q^c_avg at most the policy action's bound: by default the authors'
-    bootstrap interval of the policy action's ensemble (low end for Q, high end for Q^c, SPEC 10), with
-    `switch_rule='mean'` the paper's plain averages.  In eval mode the policy action is tanh(mean) and the plan
-    action carries no exploration noise.  Returns (action (E, A), next plan mean (E, H, A), info) where
-    info['used_plan'] (E,) marks executed plan actions (the paper's Balance).
+    least the policy action's bound and its Q^c_avg at most the policy action's bound: by default the bootstrap
+    interval of the policy action's ensemble (low end for Q, high end for Q^c), as `restrict_action` in the authors'
+    `plan` (`spowl/spowl/policies.py`); with `switch_rule='mean'` the paper's plain averages.  In eval mode the
+    policy action is tanh(mean) and the plan action carries no exploration noise.
+
+    Returns (action (E, A), next plan mean (E, H, A), info), info a dict of (E,) arrays: `used_plan` marks executed
+    plan actions (the paper's Balance); unless `act='policy'`, the planner's diagnostics (see `plan`); with
+    `act='switch'`, the bounds it compared against, `q_low` and `qc_high`.
     """
     num_envs = obs.shape[0]
     key_pi, key_bound, key_plan, key_switch = jax.random.split(key, 4)
@@ -157,7 +169,7 @@ def act(model, policy, obs, prev_mean, key, cfg, eval_mode=False):
     else:
         policy_action, _ = sample_action(policy, z, key_pi, cfg)
     if cfg.act == "policy":
-        return policy_action, prev_mean, {"used_plan": jnp.zeros(num_envs, bool), "elites": jnp.zeros(num_envs)}
+        return policy_action, prev_mean, {"used_plan": jnp.zeros(num_envs, bool)}
 
     def q_avg(action, key):  # (E,) values and cost values of one action per env, averaged as in Eq. 11
         key_q, key_c = jax.random.split(key)
@@ -173,11 +185,11 @@ def act(model, policy, obs, prev_mean, key, cfg, eval_mode=False):
         policy_value, policy_cost_value = q_avg(policy_action, key_bound)
 
     plan_one = lambda *args: plan(model, policy, *args, cfg, eval_mode)  # noqa: E731
-    plan_action, mean, num_elites = jax.vmap(plan_one)(z, prev_mean, policy_value, policy_cost_value,
-                                                       jax.random.split(key_plan, num_envs))
+    plan_action, mean, plan_info = jax.vmap(plan_one)(z, prev_mean, policy_value, policy_cost_value,
+                                                      jax.random.split(key_plan, num_envs))
     if cfg.act == "plan":
-        return plan_action, mean, {"used_plan": jnp.ones(num_envs, bool), "elites": num_elites}
+        return plan_action, mean, {"used_plan": jnp.ones(num_envs, bool), **plan_info}
     plan_value, plan_cost_value = q_avg(plan_action, key_switch)
     use_plan = (plan_value >= policy_value) & (plan_cost_value <= policy_cost_value)
-    return jnp.where(use_plan[:, None], plan_action, policy_action), mean, {"used_plan": use_plan,
-                                                                            "elites": num_elites}
+    info = {"used_plan": use_plan, **plan_info, "q_low": policy_value, "qc_high": policy_cost_value}
+    return jnp.where(use_plan[:, None], plan_action, policy_action), mean, info

@@ -14,7 +14,7 @@ from world_model import aggregate, head_values, mlp
 
 
 def init_policy(key, cfg, action_dim):
-    """pi: latent -> (mean, log-std pre-activation), SPEC 4."""
+    """pi: latent -> (mean, log-std pre-activation), two hidden layers (Fig. 1; the authors' `WorldModel._pi`)."""
     return mlp(key, [cfg.latent_dim, cfg.mlp_dim, cfg.mlp_dim, 2 * action_dim])
 
 
@@ -22,7 +22,8 @@ def sample_action(policy, z, key, cfg):
     """A tanh-squashed Gaussian action a ~ pi(z) and its log-probability: (..., L) -> (..., A), (...).
 
     Following the authors' (TD-MPC2-style) code, the Gaussian log-probability is multiplied by the action
-    dimension A before the tanh correction (SPEC 7); the entropy coefficient is tuned for that scale.
+    dimension A before the tanh correction (their `gaussian_logprob` in `spowl/spowl/math.py`); the entropy
+    coefficient is tuned for that scale.
     """
     mean, log_std = jnp.split(policy(z), 2, -1)
     log_std = cfg.log_std_min + 0.5 * (cfg.log_std_max - cfg.log_std_min) * (jnp.tanh(log_std) + 1)
@@ -47,7 +48,7 @@ def augmented_lagrangian(delta, multiplier, penalty):
 
 
 def update_multipliers(multiplier, penalty, delta, cfg):
-    """Multiplier and penalty update of Eq. 10 as the authors implement it (SPEC 7, 12).
+    """Multiplier and penalty update of Eq. 10 as the authors implement it (`make_step` in `spowl/spowl/update.py`).
 
     lambda <- clip(lambda + mu Delta, 0, lagrange_max) with the *old* mu;  mu <- min(mu (1 + nu), penalty_max).
     (The paper prints mu = max(mu (nu + 1), 1), a typo that would make mu >= 1 from the first step; an
@@ -59,7 +60,7 @@ def update_multipliers(multiplier, penalty, delta, cfg):
 
 
 def policy_loss(policy, model, latents, multiplier, penalty, scale, key, cfg, safe=True):
-    """Safe policy objective of Eq. 7-9 with the authors' scaling (SPEC 7).
+    """Safe policy objective of Eq. 7-9 with the authors' scaling (`make_step` in `spowl/spowl/update.py`).
 
     latents: the rolled-out z_0..z_H of the world-model loss, (H+1, B, L), constants here.  The Q and cost-value
     heads of the (already updated) world model run in training mode (dropout on), as in the authors' code.

@@ -76,10 +76,10 @@ class Args:
     # Agent modes (Sec. 5.1-5.2)
     planner: Literal["spowl", "tdmpc2", "cce"] = "spowl"
     """elite selection: safe improvement (Alg. 1), unsafe TD-MPC2 baseline (no cost anywhere), constrained CE"""
-    act: Literal["switch", "plan", "policy"] = "switch"
-    """acting: plan/policy switch (Alg. 2), plan only, policy only"""
+    act: Optional[Literal["switch", "plan", "policy"]] = None
+    """acting: plan/policy switch (Alg. 2), plan only, policy only; left out: switch, or plan under --planner tdmpc2"""
 
-    # Environment and schedule (SPEC 1-2)
+    # Environment and schedule (Sec. 5; the authors' `spowl/configs/config.yaml`)
     action_repeat: int = 5
     """raw env steps per agent step (reward and cost summed); Safety-Gymnasium only"""
     buffer_size: int = 1_000_000
@@ -89,7 +89,7 @@ class Args:
     batch_size: int = 256
     """windows of horizon+1 steps per gradient update"""
 
-    # World model (SPEC 4-6)
+    # World model (Sec. 4.1, Fig. 1, Eq. 5-6; the authors' `spowl/configs/agent/spowl.yaml`)
     latent_dim: int = 512
     """latent size L (a multiple of simnorm-dim)"""
     mlp_dim: int = 512
@@ -97,7 +97,7 @@ class Args:
     enc_dim: int = 256
     """hidden width of the encoder"""
     num_enc_layers: int = 2
-    """encoder layers (hidden layers + 1)"""
+    """encoder layers (hidden layers + 1), at least one hidden layer as in the authors' code (so 1 acts as 2)"""
     simnorm_dim: int = 8
     """SimNorm group size"""
     num_q: int = 5
@@ -107,7 +107,7 @@ class Args:
     dropout: float = 0.01
     """dropout on the first layer of the Q and cost-value heads"""
     cost_dropout: float = 0.0
-    """dropout on the first layer of the cost heads"""
+    """dropout on the first layer of the cost heads (in the world-model loss; planning runs without it)"""
     num_bins: int = 101
     """bins of the discrete regression"""
     vmin: float = -10.0
@@ -149,7 +149,7 @@ class Args:
     policy_adam_eps: float = 1e-5
     """Adam epsilon of the policy optimiser"""
 
-    # Safe policy (Eq. 7-10, SPEC 7)
+    # Safe policy (Sec. 4.2, Eq. 7-10)
     log_std_min: float = -10.0
     """lower bound of the policy log-std"""
     log_std_max: float = 2.0
@@ -175,7 +175,7 @@ class Args:
     lagrange_max: float = 10.0
     """upper bound of lambda (inf: the paper's unbounded multiplier)"""
 
-    # Planner (Eq. 11-12, Alg. 1-2, SPEC 9-11)
+    # Planner (Sec. 4.3-4.4 and 5.1, Eq. 11-12, Alg. 1-2)
     horizon: int = 3
     """planning and training horizon H"""
     iterations: int = 6
@@ -209,7 +209,8 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Agent: parameters, optimiser states and Lagrangian state, updated together (SPEC 8)
+# Agent: parameters, optimiser states and Lagrangian state, updated together (the authors' `make_step` in
+# `spowl/spowl/update.py`; optimisers as their `make_world_model`)
 
 
 class Agent(NamedTuple):
@@ -351,16 +352,15 @@ def make_train(args, env, eval_env):
 
     def choose_action(runner, key, learning):  # one seed: plan (Alg. 2) once learning, uniform random before
         def planned():
-            action, mean, info = act(runner.agent.model, runner.agent.policy, runner.obs, runner.plan_mean, key, args)
-            return action, mean, info["used_plan"]
+            return act(runner.agent.model, runner.agent.policy, runner.obs, runner.plan_mean, key, args)
 
         def random():
             action = jax.random.uniform(key, (num_envs, env.action_dim), minval=-1, maxval=1)
-            return action, runner.plan_mean, jnp.zeros(num_envs, bool)
+            return action, runner.plan_mean, zeros_like_output(planned)[2]
 
         return jax.lax.cond(learning, planned, random)
 
-    def learn(runner, action, plan_mean, used_plan, transition, key, learning):  # one seed: store, update, count
+    def learn(runner, action, plan_mean, act_info, transition, key, learning):  # one seed: store, update, count
         obs, reward, cost, terminated, truncated, raw_steps = transition
         resetting = runner.ended  # this step only reset those envs: store the reset obs as an episode start
         action = jnp.where(resetting[:, None], 0.0, action)
@@ -371,9 +371,9 @@ def make_train(args, env, eval_env):
         ended = terminated | truncated
         episode_return = jnp.where(resetting, 0.0, runner.episode_return) + reward
         episode_cost = jnp.where(resetting, 0.0, runner.episode_cost) + cost
-        metrics = {"learning": learning, "used_plan": used_plan.mean(), "ended": ended,
-                   "episode_return": episode_return, "episode_cost": episode_cost,
-                   "multiplier": agent.multiplier, "penalty": agent.penalty, **info}
+        metrics = {"learning": learning, "ended": ended, "episode_return": episode_return, "episode_cost": episode_cost,
+                   "multiplier": agent.multiplier, "penalty": agent.penalty, **info,
+                   **jax.tree.map(jnp.mean, act_info)}  # planner and switch diagnostics, averaged over envs
         return runner._replace(agent=agent, buffer=buffer, obs=obs, ended=ended,
                                plan_mean=jnp.where(resetting[:, None, None], 0.0, plan_mean),
                                episode_return=episode_return, episode_cost=episode_cost,
@@ -384,9 +384,9 @@ def make_train(args, env, eval_env):
         """One vector step of every seed; `learning` (shared by the seeds) defaults to seed 0's gate."""
         learning = is_learning(runner) if learning is None else learning
         key, key_act, key_env, key_update = split(runner.key, 4)
-        action, plan_mean, used_plan = jax.vmap(choose_action, in_axes=(0, 0, None))(runner, key_act, learning)
+        action, plan_mean, act_info = jax.vmap(choose_action, in_axes=(0, 0, None))(runner, key_act, learning)
         env_state, *transition = env.step(runner.env_state, action, key_env)
-        runner, metrics = jax.vmap(learn, in_axes=(0, 0, 0, 0, 0, 0, None))(runner, action, plan_mean, used_plan,
+        runner, metrics = jax.vmap(learn, in_axes=(0, 0, 0, 0, 0, 0, None))(runner, action, plan_mean, act_info,
                                                                             transition, key_update, learning)
         return runner._replace(env_state=env_state, key=key), metrics
 
@@ -401,7 +401,7 @@ def make_train(args, env, eval_env):
         return jax.lax.scan(gated_step, runner, None, length=chunk_length)
 
     def evaluate(agent, keys):
-        """`eval_episodes` full episodes per seed in eval mode (SPEC 10), `eval_env.num_envs` at a time from fresh
+        """`eval_episodes` full episodes per seed in eval mode (see `act`), `eval_env.num_envs` at a time from fresh
         resets: returns and costs (N, eval_episodes)."""
         eval_act = jax.vmap(lambda agent, obs, plan_mean, key: act(agent.model, agent.policy, obs, plan_mean, key, args,
                                                                    eval_mode=True))
@@ -463,6 +463,9 @@ def check_args(args):
     if (args.num_envs * args.utd_ratio) % 1:
         raise ValueError(f"--num-envs x --utd-ratio ({args.num_envs} x {args.utd_ratio}) must be a whole number of "
                          "updates per vector step")
+    if args.ci_thresholds and args.switch_rule == "mean":
+        raise ValueError("--ci-thresholds takes d_R, d_c from the policy action's bootstrap interval, which "
+                         "--switch-rule mean does not compute; use it with --switch-rule ci")
     if args.num_pi_trajs >= args.num_samples:
         raise ValueError(f"--num-pi-trajs ({args.num_pi_trajs}) must be below --num-samples ({args.num_samples})")
     if args.latent_dim % args.simnorm_dim:
@@ -492,9 +495,20 @@ def check_args(args):
             raise ValueError("--track needs Weights & Biases: pip install wandb") from None
 
 
+def resolve_act(args):
+    """--act left out: the switch (Alg. 2), or plan only under --planner tdmpc2, so that `--planner tdmpc2` alone is
+    the unsafe TD-MPC2 baseline of Sec. 5.4 (a switch would still consult the cost values)."""
+    if args.act is not None:
+        return args
+    return dataclasses.replace(args, act="plan" if args.planner == "tdmpc2" else "switch")
+
+
 def prepare_run(args, cli_flags):
-    """Resolve --resume and --log-dir into (args, run directory, resuming?).  Never touches an existing run."""
+    """Resolve --act, --resume and --log-dir into (args, resuming?).  Never touches an existing run.
+
+    The resolved --act is what config.json stores, so a resumed run acts as it did."""
     if args.resume is None:
+        args = resolve_act(args)
         check_args(args)
         log_dir = args.log_dir or f"runs/{args.env_id}__{args.seed}__{int(time.time())}"
         if os.path.exists(log_dir):
@@ -584,11 +598,17 @@ class Logger:
             self.wandb.finish()
 
 
-LOSS_NAMES = {"consistency": "losses/consistency", "reward": "losses/reward", "value": "losses/value",
-              "cost": "losses/cost", "cost_value": "losses/cost_value", "model_loss": "losses/model",
-              "policy_loss": "losses/policy", "reward_loss": "losses/policy_reward", "psi": "losses/psi",
-              "delta": "lagrange/delta", "scale": "policy/scale", "entropy": "policy/entropy",
-              "q_target": "values/q_target", "cost_value_target": "values/cost_value_target"}
+# Per-step scalars of the scan, averaged over learning steps between log rows, by their log keys.  The planner's
+# diagnostics exist only where they apply: none under --act policy, thresholds and no_improvement only under
+# --planner spowl, the switch's bounds only under --act switch.
+METRIC_NAMES = {"consistency": "losses/consistency", "reward": "losses/reward", "value": "losses/value",
+                "cost": "losses/cost", "cost_value": "losses/cost_value", "model_loss": "losses/model",
+                "policy_loss": "losses/policy", "reward_loss": "losses/policy_reward", "psi": "losses/psi",
+                "delta": "lagrange/delta", "scale": "policy/scale", "entropy": "policy/entropy",
+                "q_target": "values/q_target", "cost_value_target": "values/cost_value_target",
+                "used_plan": "plan/balance", "elites": "plan/elites", "no_improvement": "plan/no_improvement",
+                "d_reward": "plan/d_reward", "d_cost": "plan/d_cost", "q_low": "switch/q_low",
+                "qc_high": "switch/qc_high"}
 
 
 class Tracker:
@@ -600,7 +620,7 @@ class Tracker:
     def add(self, metrics):  # metrics: this seed's chunk outputs, numpy arrays with a leading step axis
         active = metrics["active"]
         learning = active & metrics["learning"]
-        for name in [*LOSS_NAMES, "used_plan"]:
+        for name in [n for n in METRIC_NAMES if n in metrics]:
             self.sums[name] = self.sums.get(name, 0.0) + float(metrics[name][learning].sum())
         self.learning_steps += int(learning.sum())
         ended = metrics["ended"] & active[:, None]
@@ -613,8 +633,7 @@ class Tracker:
     def row(self):
         row = dict(getattr(self, "last", {}))
         if self.learning_steps:
-            row.update({LOSS_NAMES[n]: self.sums[n] / self.learning_steps for n in LOSS_NAMES})
-            row["plan/balance"] = self.sums["used_plan"] / self.learning_steps
+            row.update({METRIC_NAMES[n]: total / self.learning_steps for n, total in self.sums.items()})
         if self.returns:
             row.update({"train/episode_return": float(np.mean(self.returns)),
                         "train/episode_cost": float(np.mean(self.costs))})

@@ -22,7 +22,7 @@ import jax_env
 import spowl
 from planner import act, select_elites
 from policy import augmented_lagrangian, init_policy, update_multipliers
-from world_model import (WorldModel, decode, simnorm, symexp, symlog, two_hot, world_model_loss)
+from world_model import WorldModel, decode, init_world_model, simnorm, symexp, symlog, two_hot, world_model_loss
 
 # A small model that compiles and runs quickly on a CPU.
 TINY = spowl.Args(latent_dim=32, mlp_dim=64, enc_dim=32, num_samples=32, num_pi_trajs=4, num_elites=8, iterations=2,
@@ -96,14 +96,46 @@ def test_world_model_loss_drops_on_a_fixed_batch():
     assert np.mean(losses[-10:]) <= 0.5 * losses[0], (losses[0], losses[-10:])
 
 
+def perturbed_model(args):
+    """A fresh world model with every parameter perturbed: the heads' output layers are no longer zero, so every loss
+    term depends on its inputs (and on dropout)."""
+    model = init_world_model(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
+    leaves, treedef = jax.tree.flatten(model)
+    keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
+    return jax.tree.unflatten(treedef, [w + 0.1 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)])
+
+
+def test_cost_dropout_is_active_in_the_world_model_loss():
+    """--cost-dropout acts where the authors' `make_step` runs the cost heads in training mode: the world-model loss."""
+    batch = random_batch(jax.random.PRNGKey(1), TINY)
+    h, b = batch.reward.shape
+    z_next = jax.random.uniform(jax.random.PRNGKey(2), (h, b, TINY.latent_dim))
+
+    def cost_loss(rate, key):
+        args = dataclasses.replace(TINY, cost_dropout=rate)
+        _, (terms, _) = world_model_loss(perturbed_model(args), batch, z_next, jnp.ones((h, b)), jnp.ones((h, b)),
+                                         jax.random.PRNGKey(key), args)
+        return float(terms["cost"])
+
+    assert abs(cost_loss(0.5, 0) - cost_loss(0.5, 1)) > 1e-4
+    assert cost_loss(0.0, 0) == cost_loss(0.0, 1)
+
+
+def test_one_encoder_layer_keeps_a_hidden_layer():
+    """As in the authors' `WorldModel.__init__`: max(num_enc_layers - 1, 1) hidden layers."""
+    def shapes(num_enc_layers):
+        args = dataclasses.replace(TINY, num_enc_layers=num_enc_layers)
+        return [w.shape for w in init_world_model(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM).encoder.weights]
+
+    hidden_layer = [(OBS_DIM, TINY.enc_dim), (TINY.enc_dim, TINY.latent_dim)]
+    assert shapes(1) == shapes(2) == hidden_layer
+    assert len(shapes(3)) == 3
+
+
 def test_no_loss_term_spans_an_episode_boundary():
     """Whatever lies across a boundary (valid=False) -- action, reward, cost, targets -- changes no loss term."""
     args = TINY
-    model = spowl.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM).model
-    # Give the heads non-zero output layers, so every term depends on its inputs.
-    leaves, treedef = jax.tree.flatten(model)
-    keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
-    model = jax.tree.unflatten(treedef, [w + 0.1 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)])
+    model = perturbed_model(args)
     batch = random_batch(jax.random.PRNGKey(1), args)
     valid = jnp.ones_like(batch.valid).at[1, :5].set(False).at[0, 7].set(False)
     batch = batch._replace(valid=valid)
@@ -143,7 +175,7 @@ def test_update_and_planner_do_not_retrace():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Safe policy: Augmented Lagrangian (Eq. 10, SPEC 7)
+# Safe policy: Augmented Lagrangian (Eq. 10)
 
 
 def test_augmented_lagrangian_matches_hand_computed_values():
@@ -169,18 +201,21 @@ def test_select_elites_follows_algorithm_1():
     is_prior = jnp.arange(8) < 2
     value = jnp.array([1.0, 1.0, 0.0, 5.0, 3.0, 4.0, 2.0, 6.0])
     cost = jnp.array([1.0, 1.0, 9.0, 0.5, 0.0, 2.0, 1.0, 0.9])
-    # Empty improvement set -> the policy prior.
-    elites, score = select_elites(value, cost, 10.0, 1.0, is_prior, 3)
-    assert elites.tolist() == is_prior.tolist()
+    # Empty improvement set -> the policy prior, flagged as the fallback.
+    elites, score, empty = select_elites(value, cost, 10.0, 1.0, is_prior, 3)
+    assert elites.tolist() == is_prior.tolist() and empty
     np.testing.assert_array_equal(score, value)
+    # J >= 5 and J_c <= 1 holds for {3, 7}: as many as the prior, but an improvement, not the fallback.
+    elites, _, empty = select_elites(value, cost, 5.0, 1.0, is_prior, 3)
+    assert np.flatnonzero(elites).tolist() == [3, 7] and not empty
     # J >= 1 and J_c <= 1 holds for {0, 1, 3, 4, 6, 7}: more than k=3 -> the top 3 by J: {3, 4, 7}.
-    elites, _ = select_elites(value, cost, 1.0, 1.0, is_prior, 3)
+    elites, _, _ = select_elites(value, cost, 1.0, 1.0, is_prior, 3)
     assert np.flatnonzero(elites).tolist() == [3, 4, 7]
     # At most k -> all of them.
-    elites, _ = select_elites(value, cost, 1.0, 1.0, is_prior, 6)
+    elites, _, _ = select_elites(value, cost, 1.0, 1.0, is_prior, 6)
     assert np.flatnonzero(elites).tolist() == [0, 1, 3, 4, 6, 7]
     # Without the cap, all six even for k=3.
-    elites, _ = select_elites(value, cost, 1.0, 1.0, is_prior, 3, restrict=False)
+    elites, _, _ = select_elites(value, cost, 1.0, 1.0, is_prior, 3, restrict=False)
     assert np.flatnonzero(elites).tolist() == [0, 1, 3, 4, 6, 7]
 
 
@@ -228,7 +263,7 @@ def plan_actions(model, args, num_envs=8, key=0):
     obs = jnp.zeros((num_envs, args.latent_dim))
     mean = jnp.zeros((num_envs, args.horizon, 1))
     action, _, info = act(model, zero_policy(args), obs, mean, jax.random.PRNGKey(key), args, eval_mode=True)
-    return np.asarray(action[:, 0]), np.asarray(info["used_plan"])
+    return np.asarray(action[:, 0]), {name: np.asarray(x) for name, x in info.items()}
 
 
 def test_safe_planner_avoids_a_high_reward_high_cost_action_that_tdmpc2_takes():
@@ -253,7 +288,8 @@ def test_switch_rejects_plans_worse_than_the_policy_action():
     def used_plan(q_slope, c_slope, rule):
         model = hand_built_model(args, reward=lambda a: a, cost=lambda a: 0 * a,
                                  q=lambda a, j: q_slope * a + offsets(j), cost_value=lambda a, j: c_slope * a + offsets(j))
-        action, used = plan_actions(model, dataclasses.replace(args, switch_rule=rule))
+        action, info = plan_actions(model, dataclasses.replace(args, switch_rule=rule))
+        used = info["used_plan"]
         assert (action[used] > 0.2).all() and (np.abs(action[~used]) < 0.1).all(), action  # plan or policy action
         return used
 
@@ -266,6 +302,40 @@ def test_switch_rejects_plans_worse_than_the_policy_action():
     assert not used_plan(-0.2, 0.0, "mean").any()
     assert not used_plan(0.0, 0.2, "mean").any()
     assert used_plan(0.2, -0.2, "mean").all()
+
+
+def test_planner_reports_its_last_iteration_and_the_switch_bounds():
+    """The diagnostics behind plan/* and switch/*: per env, from the planner's last iteration and the switch."""
+    args = dataclasses.replace(TINY, num_samples=64, num_elites=8, iterations=3, act="switch")
+    flat = lambda a, j: 0 * a  # noqa: E731  every Q and Q^c head predicts 0
+    # Rewards grow with the action: sequences beat the prior (J ~ 0, so d_R ~ 0), more than k of them.
+    _, info = plan_actions(hand_built_model(args, reward=lambda a: a, cost=lambda a: 0 * a, q=flat, cost_value=flat),
+                           args)
+    assert set(info) == {"used_plan", "elites", "no_improvement", "d_reward", "d_cost", "q_low", "qc_high"}
+    assert not info["no_improvement"].any() and (info["elites"] == args.num_elites).all()
+    for name in ["d_reward", "d_cost", "q_low", "qc_high"]:
+        np.testing.assert_allclose(info[name], 0.0, atol=0.1, err_msg=name)
+    # Every reward is -1, so no sequence reaches the policy action's value bound (--ci-thresholds): the fallback.
+    hopeless = hand_built_model(args, reward=lambda a: 0 * a - 1, cost=lambda a: 0 * a, q=flat, cost_value=flat)
+    _, info = plan_actions(hopeless, dataclasses.replace(args, ci_thresholds=True))
+    assert info["no_improvement"].all() and (info["elites"] == args.num_pi_trajs).all()
+    # TD-MPC2's top-k has neither thresholds nor a fallback, and acting on the plan alone there are no bounds.
+    _, info = plan_actions(hopeless, dataclasses.replace(args, planner="tdmpc2", act="plan"))
+    assert set(info) == {"used_plan", "elites"} and (info["elites"] == args.num_elites).all()
+
+
+def test_tracker_averages_the_diagnostics_over_learning_steps():
+    active, learning = np.array([True, True, True, False]), np.array([False, True, True, True])
+    zeros = np.zeros((4, 2))
+    metrics = {"active": active, "learning": learning, "ended": zeros > 0, "episode_return": zeros,
+               "episode_cost": zeros, "multiplier": zeros[:, 0], "penalty": zeros[:, 0],
+               "used_plan": np.array([9.0, 0.5, 1.0, 9.0]), "no_improvement": np.array([9.0, 0.0, 0.5, 9.0]),
+               "elites": np.array([9.0, 8.0, 6.0, 9.0])}
+    tracker = spowl.Tracker()
+    tracker.add(metrics)
+    row = tracker.row()
+    assert {k: row[k] for k in row if k.startswith(("plan/", "switch/"))} == {
+        "plan/balance": 0.75, "plan/no_improvement": 0.25, "plan/elites": 7.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -302,7 +372,7 @@ def test_buffer_is_fifo_and_windows_never_straddle_the_write_pointer():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Safety-Gymnasium adapter (SPEC 1)
+# Safety-Gymnasium adapter (envs.py)
 
 SG_ENV = "SafetyPointGoal1-v0"
 SG_EPISODE = 1000 // 5  # agent steps per episode at action repeat 5
@@ -462,6 +532,7 @@ def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
         (["--resume", str(tmp_path / "missing")], "--resume"),
         (["--log-dir", str(existing)], "--log-dir"),
         (["--env-id", "JaxPointGoal1-v0", "--capture-video"], "--capture-video"),
+        (["--ci-thresholds", "--switch-rule", "mean"], "--ci-thresholds"),
     ]
     for flags, name in cases:
         result = spowl_cli(*flags, "--log-dir", str(tmp_path / "new"), timeout=120) if "--log-dir" not in flags \
@@ -472,6 +543,24 @@ def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
         assert len(message) == 1 and name in message[0], (flags, result.stderr[-2000:])
     assert not (tmp_path / "new").exists()  # nothing started
     assert (existing / "metrics.jsonl").read_text() == "keep me\n"
+
+
+def test_tdmpc2_alone_is_the_plan_only_baseline_and_resumes_as_such(tmp_path):
+    """Left out, --act is the switch, or plan under --planner tdmpc2; an explicit --act wins.  The resolved value is
+    the one the run directory's config.json holds, so --resume keeps it."""
+    def prepare(**fields):
+        args = spowl.Args(env_id=jax_env.ENV_ID, log_dir=str(tmp_path / "new"), **fields)
+        return spowl.prepare_run(args, set(fields) | {"env_id", "log_dir"})[0]
+
+    assert prepare().act == "switch" and prepare(planner="cce").act == "switch"
+    assert prepare(planner="tdmpc2", act="switch").act == "switch"
+    baseline = prepare(planner="tdmpc2")
+    assert baseline.act == "plan"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(baseline)))  # as `train` writes it
+    resumed, resuming = spowl.prepare_run(spowl.Args(resume=str(run), planner="tdmpc2"), {"resume", "planner"})
+    assert resuming and resumed.act == "plan"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -496,6 +585,7 @@ def test_scanned_loop_matches_step_by_step_loop():
     learning = np.asarray(metrics["learning"])[active]
     assert learning.any() and not learning.all()  # random steps, then planning and updates, inside the window
     assert np.asarray(metrics["ended"])[active].any()  # an episode end (and the reset after it) inside the window
+    assert {"elites", "no_improvement", "d_reward", "d_cost", "q_low", "qc_high"} <= metrics.keys()
 
     step = jax.jit(fns.step)
     stepped, num_steps = runner, 0
@@ -512,8 +602,8 @@ def test_scanned_loop_matches_step_by_step_loop():
 
 # A small model, 12,000 raw steps (60 episodes, about 2,760 gradient updates), 3 seeds vmapped in one process.
 # The defaults are tuned for 5M-step runs; four documented changes make values, and so safety, learnable in this one:
-#   - a fixed multiplier lambda = LAMBDA (mu tiny, no growth): the paper's schedule (lambda 1e-6, mu 5e-9) barely
-#     moves in a few thousand updates (SPEC 7);
+#   - a fixed multiplier lambda = LAMBDA (mu tiny, no growth): the authors' schedule (lambda 1e-6, mu 5e-9) barely
+#     moves in a few thousand updates (README: where the authors' code and the paper differ);
 #   - cost discount 0.975, the reward discount: with 0.997 (a ~330-step horizon) the cost value is still far from
 #     its fixed point, so Delta, and with it the safety gradient, stays tiny;
 #   - learning rate 1e-3 and target rate tau 0.05 (defaults 3e-4, 0.01): with the defaults the Q targets are still
@@ -558,7 +648,7 @@ def final_eval(run_dir):
 
 
 def test_learn_spowl_is_safer_than_unsafe_tdmpc2(tmp_path):
-    """SPOWL vs the same run with `--planner tdmpc2 --act plan` (no cost anywhere), both from scratch in parallel.
+    """SPOWL vs the same run with `--planner tdmpc2` (plan only, no cost anywhere), both from scratch in parallel.
 
     Measured with these flags, mean over seeds 1-3 (eval: 16 episodes per seed), and the bars they set:
         tdmpc2 (unsafe):   return 23.6, cost 20.9
@@ -571,7 +661,7 @@ def test_learn_spowl_is_safer_than_unsafe_tdmpc2(tmp_path):
     4 seeds: 0.98 x return, 0.58 x cost); lambda 0.3-0.4 there cut the return to 0.55-0.82 x.
     """
     runs = {"spowl": ["--lagrange-init", LAMBDA, "--penalty-init", "1e-8", "--penalty-growth", "0"],
-            "tdmpc2": ["--planner", "tdmpc2", "--act", "plan"]}
+            "tdmpc2": ["--planner", "tdmpc2"]}
     # Compiling dominates these short runs; XLA's CPU backend at optimisation level 1 compiles in about half the time
     # and, measured at this size, trains just as fast.
     env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=1"}

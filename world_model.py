@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Discrete regression (SPEC 5)
+# Discrete regression (Fig. 1, after TD-MPC2; the authors' `spowl/spowl/math.py`)
 
 
 def symlog(x):
@@ -49,7 +49,7 @@ def soft_ce(logits, x, cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Networks (SPEC 4)
+# Networks (Fig. 1; the authors' `spowl/spowl/layers.py`)
 
 
 def simnorm(x, group_size):
@@ -130,11 +130,12 @@ class WorldModel(eqx.Module):
 
 
 def init_world_model(key, cfg, obs_dim, action_dim):
-    """All components of Fig. 1 with the SPEC 4 sizes; the target ensembles start as copies (see `targets`)."""
+    """All components of Fig. 1, shaped as the authors' `WorldModel.__init__`; the targets start as copies."""
     keys = jax.random.split(key, 6)
     latent, hidden = cfg.latent_dim, cfg.mlp_dim
     head = [latent + action_dim, hidden, hidden, cfg.num_bins]
-    encoder_sizes = [obs_dim] + [cfg.enc_dim] * (cfg.num_enc_layers - 1) + [latent]
+    # At least one hidden layer even for num_enc_layers=1, as the authors' `WorldModel.__init__`.
+    encoder_sizes = [obs_dim] + [cfg.enc_dim] * max(cfg.num_enc_layers - 1, 1) + [latent]
     return WorldModel(
         encoder=mlp(keys[0], encoder_sizes, simnorm_groups=cfg.simnorm_dim),
         dynamics=mlp(keys[1], [latent + action_dim, hidden, hidden, latent], simnorm_groups=cfg.simnorm_dim),
@@ -175,7 +176,7 @@ def aggregate(values, key, num, how):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Training (Eq. 5-6, SPEC 6)
+# Training (Eq. 5-6)
 
 
 def td_targets(target, z_next, action_next, reward, cost, terminated, key, cfg):
@@ -200,7 +201,7 @@ def masked_mean(x, mask):
 
 
 def world_model_loss(model, batch, z_next, q_target, cost_value_target, key, cfg):
-    """World-model loss of Eq. 5 with the authors' weighting (SPEC 6).
+    """World-model loss of Eq. 5 with the authors' weighting (`make_step` in `spowl/spowl/update.py`).
 
     `batch` holds obs (H+1, B, O), action (H, B, A), reward, cost and valid (H, B); `valid` is False where a
     transition crosses an episode boundary.  There the step's losses are masked and the rollout restarts from the
@@ -217,13 +218,14 @@ def world_model_loss(model, batch, z_next, q_target, cost_value_target, key, cfg
     z_last, (zs, z_preds) = jax.lax.scan(rollout, z0, (batch.action, z_next, batch.valid))
     za = jnp.concatenate([zs, batch.action], -1)
     mask = batch.valid.astype(jnp.float32)
-    key_q, key_c = jax.random.split(key)
-    cost_weight = jnp.where(batch.cost > 0, cfg.cost_imb_weight, 1.0)  # cost signals are rare (SPEC 6.3)
+    # Every ensemble runs in training mode here, the cost heads included, as in the authors' `make_step`.
+    key_q, key_c, key_cost = jax.random.split(key, 3)
+    cost_weight = jnp.where(batch.cost > 0, cfg.cost_imb_weight, 1.0)  # cost signals are rare (authors' `make_step`)
     per_step = {  # each (H, B)
         "consistency": ((z_preds - z_next) ** 2).mean(-1),
         "reward": soft_ce(model.reward(za), batch.reward, cfg),
         "value": soft_ce(ensemble_apply(model.q, za, key_q), q_target, cfg).mean(0),
-        "cost": soft_ce(ensemble_apply(model.cost, za), batch.cost, cfg).mean(0) * cost_weight,
+        "cost": soft_ce(ensemble_apply(model.cost, za, key_cost), batch.cost, cfg).mean(0) * cost_weight,
         "cost_value": soft_ce(ensemble_apply(model.cost_value, za, key_c), cost_value_target, cfg).mean(0),
     }
     rho = cfg.rho ** jnp.arange(batch.action.shape[0])
