@@ -1,11 +1,19 @@
-"""Speed of SPOWL's parts: one planning call, one gradient update, and the raw vector env alone.
+"""Speed of SPOWL: one planning call, one gradient update, the raw vector env, and the whole training loop.
 
-    python benchmark.py --latent-dim 64 --mlp-dim 128 --num-samples 64 --num-envs 2     # small, CPU
-    python benchmark.py --num-envs 10                                                    # paper size (GPU)
+    python benchmark.py --latent-dim 64 --mlp-dim 128 --enc-dim 64 --num-samples 64 --num-pi-trajs 8 \
+        --num-elites 16 --batch-size 64 --num-envs 2                                  # the README's small size, CPU
+    python benchmark.py --num-envs 10                                                 # paper size (GPU)
 
-Takes the same flags as spowl.py (sizes, --num-envs, --env-id) and prints the median times after compilation.
+Takes the same flags as spowl.py (sizes, --num-envs, --env-id, --num-seeds).  Prints, after compilation:
+  - ms per planning call (all envs) and per gradient update, with the FLOPs of each call counted twice -- by XLA's
+    cost analysis of the compiled call and by summing the matmuls of its jaxpr (cost analysis has miscounted dot
+    products on some backends) -- and the GFLOP/s achieved;
+  - ms per raw env step of the vector env alone (Safety-Gymnasium);
+  - the training loop end to end: compile time, then raw env steps/s over `loop-steps` vector steps of learning
+    (planning, env steps, buffer adds and updates), per seed and in total.
 """
 
+import math
 import time
 
 import jax
@@ -20,7 +28,8 @@ from planner import act
 
 
 def median_ms(fn, repeats):
-    jax.block_until_ready(fn())  # compile
+    """Median wall time of `fn()` in ms, after one call that compiles it."""
+    jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -29,8 +38,85 @@ def median_ms(fn, repeats):
     return 1000 * float(np.median(times))
 
 
-def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600):
-    """`env_steps` vector steps of uniform random actions time the raw env (0 skips it)."""
+def matmul_flops(jaxpr):
+    """FLOPs of the matrix products in a jaxpr: 2 x (batch x M x K x N) per `dot_general`, times the length of every
+    scan around it; of a `cond`, the costliest branch."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+            lhs, rhs = (v.aval.shape for v in eqn.invars)
+            out = eqn.outvars[0].aval.shape
+            total += 2 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
+        if eqn.primitive.name == "cond":
+            total += max(matmul_flops(branch.jaxpr) for branch in eqn.params["branches"])
+        elif eqn.primitive.name == "scan":
+            total += eqn.params["length"] * matmul_flops(eqn.params["jaxpr"].jaxpr)
+        else:  # calls (pjit, custom_jvp, ...) hold a Jaxpr or ClosedJaxpr among their parameters
+            subs = [getattr(p, "jaxpr", p) for p in eqn.params.values()]
+            total += sum(matmul_flops(sub) for sub in subs if hasattr(sub, "eqns"))
+    return total
+
+
+def profile(name, fn, *inputs, repeats):
+    """Time a jitted call and count its FLOPs both ways; prints one line."""
+    compiled = jax.jit(fn).lower(*inputs).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    xla_flops = float((analysis or {}).get("flops", float("nan")))
+    counted = matmul_flops(jax.make_jaxpr(fn)(*inputs).jaxpr)
+    ms = median_ms(lambda: compiled(*inputs), repeats)
+    print(f"{name}: {ms:.1f} ms | {xla_flops / 1e9:.3f} GFLOP (XLA cost analysis), {counted / 1e9:.3f} GFLOP "
+          f"(matmuls of the jaxpr) | {counted / ms / 1e6:.1f} GFLOP/s")
+    return ms
+
+
+def time_env(args, action_dim, env_steps):
+    """The raw vector env alone, stepped with uniform random actions."""
+    vector_env = envs.make_vector_env(args.env_id, envs.env_seeds(args.seed, 1, args.num_envs), args.action_repeat)
+    envs.vector_reset(vector_env)
+    start, raw = time.perf_counter(), 0
+    for _ in range(env_steps):
+        raw += int(envs.vector_step(vector_env, np.random.uniform(-1, 1, (args.num_envs, action_dim)))[-1].sum())
+    seconds = time.perf_counter() - start
+    vector_env.close()
+    print(f"raw vector env alone: {1000 * seconds / raw:.3f} ms per raw env step, {raw / seconds:.0f} raw env steps/s "
+          f"({args.num_envs} envs, action repeat {args.action_repeat}, resets included)")
+
+
+def time_loop(args, loop_steps):
+    """The scanned training loop of spowl.py: compile once, fill the random phase, then time `loop_steps` vector
+    steps of learning (one chunk)."""
+    env, eval_env, vector_envs = envs.make_envs(args)
+    try:
+        steps_per_vector_step = args.num_envs * env.action_repeat
+        interval = loop_steps * steps_per_vector_step  # one chunk covers the timed steps
+        args = spowl.dataclasses.replace(args, log_every=interval, eval_every=interval, checkpoint_every=interval)
+        fns = spowl.make_train(args, env, eval_env)
+        keys = jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
+        start = time.perf_counter()
+        runner = jax.jit(fns.init)(keys)
+        run = jax.jit(fns.run, donate_argnums=0).lower(runner, 0).compile()
+        compile_seconds = time.perf_counter() - start
+        runner, _ = run(runner, max(args.learning_starts, (args.horizon + 1) * steps_per_vector_step))
+        jax.block_until_ready(runner)
+        first = int(runner.global_step[0])
+        start = time.perf_counter()
+        runner, _ = run(runner, first + interval)
+        jax.block_until_ready(runner)
+        seconds = time.perf_counter() - start
+        raw = int(runner.global_step[0]) - first
+        print(f"training loop: compile {compile_seconds:.1f} s (init and run); {raw / seconds:.1f} raw env steps/s "
+              f"per seed, {args.num_seeds * raw / seconds:.1f} in all ({args.num_seeds} seed(s), {args.num_envs} "
+              f"envs, {1000 * seconds / (raw / steps_per_vector_step):.1f} ms per vector step, utd {args.utd_ratio})")
+    finally:
+        for v in vector_envs:
+            v.close()
+
+
+def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600, loop_steps: int = 100):
+    """`env_steps` vector steps of random actions time the raw env, `loop_steps` vector steps the training loop
+    (0 skips either)."""
     args = spowl.resolve_act(args)
     spowl.check_args(args)
     if args.env_id in envs.JAX_ENVS:
@@ -45,23 +131,19 @@ def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600):
     h, b, e = args.horizon, args.batch_size, args.num_envs
     batch = replay.Batch(jax.random.normal(key, (h + 1, b, obs_dim)), jnp.zeros((h, b, action_dim)), jnp.zeros((h, b)),
                          jnp.zeros((h, b)), jnp.zeros((h, b)), jnp.ones((h, b), bool))
-    update = jax.jit(spowl.update, static_argnums=3)
-    plan = jax.jit(act, static_argnums=(5, 6))
     obs, mean = jax.random.normal(key, (e, obs_dim)), jnp.zeros((e, h, action_dim))
-    print(f"{jax.devices()[0].platform}: latent {args.latent_dim}, mlp {args.mlp_dim}, {args.num_samples} samples x "
-          f"{args.iterations} iterations, batch {b}, {e} envs")
-    print(f"planning call ({e} envs, act={args.act}): "
-          f"{median_ms(lambda: plan(agent.model, agent.policy, obs, mean, key, args, False), repeats):.1f} ms")
-    print(f"gradient update: {median_ms(lambda: update(agent, batch, key, args), repeats):.1f} ms")
+    device = jax.devices()[0]
+    print(f"{device.platform} ({device.device_kind}): latent {args.latent_dim}, mlp {args.mlp_dim}, "
+          f"{args.num_samples} samples x {args.iterations} iterations, batch {b}, {e} envs")
+    profile(f"planning call ({e} envs, act={args.act})",
+            lambda model, policy, obs, mean, key: act(model, policy, obs, mean, key, args), agent.model, agent.policy,
+            obs, mean, key, repeats=repeats)
+    profile("gradient update", lambda agent, batch, key: spowl.update(agent, batch, key, args), agent, batch, key,
+            repeats=repeats)
     if env_steps and args.env_id not in envs.JAX_ENVS:
-        vector_env = envs.make_vector_env(args.env_id, envs.env_seeds(args.seed, 1, e), args.action_repeat)
-        envs.vector_reset(vector_env)
-        start, raw = time.perf_counter(), 0
-        for _ in range(env_steps):
-            raw += int(envs.vector_step(vector_env, np.random.uniform(-1, 1, (e, action_dim)))[-1].sum())
-        print(f"raw vector env alone: {raw / (time.perf_counter() - start):.0f} raw env steps/s "
-              f"({e} envs, action repeat {args.action_repeat}, resets included)")
-        vector_env.close()
+        time_env(args, action_dim, env_steps)
+    if loop_steps:
+        time_loop(args, loop_steps)
 
 
 if __name__ == "__main__":
