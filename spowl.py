@@ -360,34 +360,42 @@ def make_train(args, env, eval_env):
 
         return jax.lax.cond(learning, planned, random)
 
-    def learn(runner, action, plan_mean, act_info, transition, key, learning):  # one seed: store, update, count
+    def improve(agent, buffer, key, learning):  # one seed: this vector step's gradient updates, once learning
+        idle = lambda *inputs: (inputs[0], zeros_like_output(gradient_updates, *inputs)[1])  # noqa: E731
+        return jax.lax.cond(learning, gradient_updates, idle, agent, buffer, key)
+
+    def record(runner, agent, action, plan_mean, transition):  # one seed: store the transition, count the episode
         obs, reward, cost, terminated, truncated, raw_steps = transition
         resetting = runner.ended  # this step only reset those envs: store the reset obs as an episode start
         action = jnp.where(resetting[:, None], 0.0, action)
         buffer = replay.add(runner.buffer, obs, action, reward, cost, terminated, truncated)
-        agent, info = jax.lax.cond(learning, gradient_updates,
-                                   lambda *inputs: (inputs[0], zeros_like_output(gradient_updates, *inputs)[1]),
-                                   runner.agent, buffer, key)
         ended = terminated | truncated
         episode_return = jnp.where(resetting, 0.0, runner.episode_return) + reward
         episode_cost = jnp.where(resetting, 0.0, runner.episode_cost) + cost
-        metrics = {"learning": learning, "ended": ended, "episode_return": episode_return, "episode_cost": episode_cost,
-                   "multiplier": agent.multiplier, "penalty": agent.penalty, **info,
-                   **jax.tree.map(jnp.mean, act_info)}  # planner and switch diagnostics, averaged over envs
+        stats = {"ended": ended, "episode_return": episode_return, "episode_cost": episode_cost}
         return runner._replace(agent=agent, buffer=buffer, obs=obs, ended=ended,
                                plan_mean=jnp.where(resetting[:, None, None], 0.0, plan_mean),
                                episode_return=episode_return, episode_cost=episode_cost,
                                global_step=runner.global_step + raw_steps.sum(),
-                               total_cost=runner.total_cost + cost.sum()), metrics
+                               total_cost=runner.total_cost + cost.sum()), stats
 
     def step(runner, learning=None):
-        """One vector step of every seed; `learning` (shared by the seeds) defaults to seed 0's gate."""
+        """One vector step of every seed; `learning` (shared by the seeds) defaults to seed 0's gate.
+
+        Acting and updating are independent: both read the agent as it was before this step, and the updates sample
+        the buffer as it was too, so this step's transition reaches them one step later (the authors' code adds
+        data in blocks of 100 steps).  XLA is then free to run planning and updates side by side, and the updates
+        while the env workers step.
+        """
         learning = is_learning(runner) if learning is None else learning
         key, key_act, key_env, key_update = split(runner.key, 4)
         action, plan_mean, act_info = jax.vmap(choose_action, in_axes=(0, 0, None))(runner, key_act, learning)
+        agent, info = jax.vmap(improve, in_axes=(0, 0, 0, None))(runner.agent, runner.buffer, key_update, learning)
         env_state, *transition = env.step(runner.env_state, action, key_env)
-        runner, metrics = jax.vmap(learn, in_axes=(0, 0, 0, 0, 0, 0, None))(runner, action, plan_mean, act_info,
-                                                                            transition, key_update, learning)
+        runner, stats = jax.vmap(record)(runner, agent, action, plan_mean, transition)
+        metrics = {"learning": jnp.broadcast_to(learning, runner.global_step.shape), **stats,
+                   "multiplier": agent.multiplier, "penalty": agent.penalty, **info,
+                   **jax.tree.map(lambda x: x.mean(-1), act_info)}  # planner and switch diagnostics, env means
         return runner._replace(env_state=env_state, key=key), metrics
 
     def run(runner, stop_at):
