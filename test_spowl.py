@@ -19,6 +19,7 @@ import pytest
 import buffer as replay
 import envs
 import jax_env
+import report
 import spowl
 from planner import act, select_elites
 from policy import augmented_lagrangian, init_policy, update_multipliers
@@ -564,3 +565,78 @@ def test_learn_spowl_is_safer_than_unsafe_tdmpc2(tmp_path):
     assert random_return < 2.0 < safe_return / 2, summary  # well clear of what random actions get
     assert safe_cost <= 0.5 * unsafe_cost, summary
     assert safe_return >= 0.7 * unsafe_return, summary
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The report: Table 1 and learning curves from run directories
+
+
+def write_run(run_dir, rows, **config):
+    """A synthetic run directory: config.json from spowl.Args with `config`, and metrics.jsonl from `rows`."""
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(spowl.Args(log_dir=str(run_dir), **config)), f)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def seed_rows(seed, final_return, final_cost, cost_rate, steps=4000):
+    """Log rows every 1000 steps and evals every 2000 (the last eval's return and cost given), for one seed."""
+    rows = []
+    for step in range(1000, steps + 1, 1000):
+        row = {"global_step": step, "seed": seed, "train/cost_rate": cost_rate if step == steps else 1.0}
+        if step % 2000 == 0:
+            last = step == steps
+            row.update({"eval/return_mean": final_return if last else 0.0, "eval/return_std": 1.0,
+                        "eval/cost_mean": final_cost if last else 9.0, "eval/cost_std": 1.0})
+        rows.append(row)
+    return rows
+
+
+def report_cli(*flags):
+    """report.py's main, in this process (a subprocess would import JAX and matplotlib again)."""
+    argv = sys.argv
+    sys.argv = ["report.py", *flags]
+    try:
+        report.main()
+    finally:
+        sys.argv = argv
+
+
+def test_report_table_groups_duplicates_broken_dirs_and_figures(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    task = "SafetyPointGoal1-v0"
+    # SPOWL in the paper's setting: seeds 1-2 in one --num-seeds run, seed 3 in a run with other intervals and budget
+    # (the same group), and seed 3 again in a shorter run (dropped: fewer steps).
+    write_run(runs / "spowl_12", seed_rows(1, 20.0, 1.0, 0.01) + seed_rows(2, 24.0, 2.0, 0.02), env_id=task,
+              num_seeds=2)
+    write_run(runs / "more" / "spowl_3", seed_rows(3, 22.0, 3.0, 0.03, steps=6000), env_id=task, seed=3,
+              eval_every=2000, total_timesteps=6000)
+    write_run(runs / "spowl_3_short", seed_rows(3, 99.0, 99.0, 0.99, steps=2000), env_id=task, seed=3)
+    write_run(runs / "tdmpc2", seed_rows(1, 25.0, 50.0, 0.05), env_id=task, planner="tdmpc2", act="plan")
+    write_run(runs / "spowl_lr", seed_rows(1, 10.0, 4.0, 0.04), env_id=task, lr=1e-3)
+    write_run(runs / "broken", seed_rows(1, 0.0, 0.0, 0.0), env_id=task)
+    (runs / "broken" / "config.json").write_text("{not json")
+    before = sorted(str(p) for p in runs.rglob("*"))
+
+    out = tmp_path / "out"
+    report_cli(str(runs), "--out", str(out))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, warnings
+    assert "broken" in warnings[0] and "seed 3" in warnings[1] and "spowl_3_short" in warnings[1]
+    assert sorted(str(p) for p in runs.rglob("*")) == before  # nothing written into a run directory
+
+    groups = report.group_seeds(report.load_seeds([str(runs)]))
+    assert [(g.mode, g.flags, [s.seed for s in g.seeds]) for g in groups] == [
+        ("SPOWL", (), [1, 2, 3]), ("SPOWL", ("--lr 0.001",), [1]), ("TD-MPC2", (), [1])]
+    (r, c, rho), steps = report.summarize(groups[0])
+    # By hand: R 20, 24, 22 -> 22 +- sqrt(8/3); C 1, 2, 3 -> 2 +- sqrt(2/3); rho 100, 200, 300 -> 200 +- sqrt(20000/3).
+    np.testing.assert_allclose([r, c, rho], [[22, np.sqrt(8 / 3)], [2, np.sqrt(2 / 3)], [200, np.sqrt(20000 / 3)]])
+    assert steps == 4000  # the minimum over seeds
+    table = (out / "table.md").read_text()
+    assert f"| {task} | SPOWL [a] | 22.0 ± 1.6 | 26.9 ± 0.4 | 2.0 ± 0.8 | 1.5 ± 1.1 | 200 ± 82 | 133 | 3 | 4,000 |" \
+        in table
+    assert f"| {task} | TD-MPC2 [a] | 25.0 ± 0.0 | 27.5 | 50.0 ± 0.0 | 52.3 | 500 ± 0 | 515 | 1 | 4,000 |" in table
+    assert f"| {task} | SPOWL [b] | 10.0 ± 0.0 | 26.9 ± 0.4 |" in table
+    assert "- [b] `--lr 0.001`" in table and "broken" not in table
+    assert (out / f"{task}.png").stat().st_size > 10_000
