@@ -127,9 +127,9 @@ def read_run(run_dir):
     rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     provenance_path = os.path.join(run_dir, "provenance.jsonl")
     provenance = read_jsonl(provenance_path) if os.path.isfile(provenance_path) else []
+    if not rows or not all(isinstance(row, dict) and "global_step" in row for row in rows):
+        raise ValueError("metrics.jsonl is empty or has rows without a global_step")
     seeds = sorted({row.get("seed", config["seed"]) for row in rows})
-    if not seeds:
-        raise ValueError("metrics.jsonl has no rows")
     result = []
     for seed in seeds:
         seed_rows = [row for row in rows if row.get("seed", config["seed"]) == seed]
