@@ -309,8 +309,9 @@ def render_provenance(groups):
         for entry in records[0].provenance:
             state = {True: "dirty", False: "clean", None: "tree state unknown"}[entry.get("dirty")]
             commit = (entry.get("commit") or "no git")[:12]
+            xla_flags = f"XLA_FLAGS={shlex.quote(entry['xla_flags'])} " if entry.get("xla_flags") else ""
             lines.append(f"  - {entry.get('time')}, commit {commit} ({state}), {entry.get('device_kind')} × "
-                         f"{entry.get('device_count')}: `{entry.get('command')}`")
+                         f"{entry.get('device_count')}: `{xla_flags}{entry.get('command')}`")
     return "\n".join(lines)
 
 
