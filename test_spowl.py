@@ -7,6 +7,8 @@
 import dataclasses
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tyro
 
 import buffer as replay
 import envs
@@ -381,9 +384,13 @@ def spowl_cli(*flags, timeout=900):
                           cwd=REPO_DIR)
 
 
-def read_rows(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+def read_jsonl(path):
+    with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def read_rows(run_dir):
+    return read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def test_safety_gymnasium_run_plans_updates_checkpoints_and_resumes(tmp_path):
@@ -420,6 +427,19 @@ def test_safety_gymnasium_run_plans_updates_checkpoints_and_resumes(tmp_path):
     sizes = [x for x in leaves if x.shape == ()]
     assert any(int(x) == 1 + 3000 // 10 + 1 for x in sizes if x.dtype == np.int32), sorted(int(x) for x in sizes
                                                                                            if x.dtype == np.int32)
+
+
+def test_each_launch_appends_its_provenance(tmp_path):
+    run = str(tmp_path / "run")
+    spowl.record_provenance(run)
+    spowl.record_provenance(run)  # a --resume
+    entries = read_jsonl(os.path.join(run, "provenance.jsonl"))
+    assert len(entries) == 2
+    entry = entries[-1]
+    assert {"time", "command", "commit", "dirty", "host", "device_kind", "device_count", "versions"} <= set(entry)
+    assert entry["versions"]["jax"] == jax.__version__ and entry["versions"]["numpy"] == np.__version__
+    assert set(entry["versions"]) == {"python", *spowl.PROVENANCE_PACKAGES}
+    assert entry["device_count"] == jax.device_count()
 
 
 def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
@@ -629,14 +649,24 @@ def test_report_table_groups_duplicates_broken_dirs_and_figures(tmp_path, capsys
     groups = report.group_seeds(report.load_seeds([str(runs)]))
     assert [(g.mode, g.flags, [s.seed for s in g.seeds]) for g in groups] == [
         ("SPOWL", (), [1, 2, 3]), ("SPOWL", ("--lr 0.001",), [1]), ("TD-MPC2", (), [1])]
-    (r, c, rho), steps = report.summarize(groups[0])
+    (r, c, rho), steps, speed = report.summarize(groups[0])
     # By hand: R 20, 24, 22 -> 22 +- sqrt(8/3); C 1, 2, 3 -> 2 +- sqrt(2/3); rho 100, 200, 300 -> 200 +- sqrt(20000/3).
     np.testing.assert_allclose([r, c, rho], [[22, np.sqrt(8 / 3)], [2, np.sqrt(2 / 3)], [200, np.sqrt(20000 / 3)]])
-    assert steps == 4000  # the minimum over seeds
+    assert steps == 4000 and speed is None  # the minimum over seeds; no charts/SPS logged
     table = (out / "table.md").read_text()
-    assert f"| {task} | SPOWL [a] | 22.0 ± 1.6 | 26.9 ± 0.4 | 2.0 ± 0.8 | 1.5 ± 1.1 | 200 ± 82 | 133 | 3 | 4,000 |" \
+    assert f"| {task} | SPOWL [a] | 22.0 ± 1.6 | 26.9 ± 0.4 | 2.0 ± 0.8 | 1.5 ± 1.1 | 200 ± 82 | 133 | 3 | 4,000 | – |" \
         in table
-    assert f"| {task} | TD-MPC2 [a] | 25.0 ± 0.0 | 27.5 | 50.0 ± 0.0 | 52.3 | 500 ± 0 | 515 | 1 | 4,000 |" in table
+    assert f"| {task} | TD-MPC2 [a] | 25.0 ± 0.0 | 27.5 | 50.0 ± 0.0 | 52.3 | 500 ± 0 | 515 | 1 | 4,000 | – |" in table
     assert f"| {task} | SPOWL [b] | 10.0 ± 0.0 | 26.9 ± 0.4 |" in table
     assert "- [b] `--lr 0.001`" in table and "broken" not in table
     assert (out / f"{task}.png").stat().st_size > 10_000
+
+
+def test_results_md_is_what_report_writes_from_the_committed_runs(monkeypatch):
+    """results/RESULTS.md is the page that the command at its top writes from the committed runs (figures aside)."""
+    monkeypatch.chdir(REPO_DIR)
+    with open(os.path.join("results", "RESULTS.md")) as f:
+        committed = f.read()
+    command = re.search(r"`(python report\.py [^`]*)`", committed.splitlines()[0]).group(1)
+    args = tyro.cli(report.Args, args=shlex.split(command)[2:])
+    assert report.render_page(report.group_seeds(report.load_seeds(args.paths)), args) == committed
