@@ -297,7 +297,7 @@ def render_settings(labels):
 
 def render_provenance(groups):
     """Each run directory once: its seeds, and each launch's commit and command."""
-    lines = ["Provenance (one line per launch; a `--resume` adds one):", ""]
+    lines = ["## Provenance", "", "Each run directory, and one line per launch of it (a `--resume` adds one):", ""]
     runs = {}
     for group in groups:
         for record in group.seeds:
