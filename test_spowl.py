@@ -656,7 +656,8 @@ def test_report_table_groups_duplicates_broken_dirs_and_figures(tmp_path, capsys
     table = (out / "table.md").read_text()
     assert f"| {task} | SPOWL [a] | 22.0 ± 1.6 | 26.9 ± 0.4 | 2.0 ± 0.8 | 1.5 ± 1.1 | 200 ± 82 | 133 | 3 | 4,000 | – |" \
         in table
-    assert f"| {task} | TD-MPC2 [a] | 25.0 ± 0.0 | 27.5 | 50.0 ± 0.0 | 52.3 | 500 ± 0 | 515 | 1 | 4,000 | – |" in table
+    assert f"| {task} | TD-MPC2 [a] | 25.0 ± 0.0 | 27.5 | 50.0 ± 0.0 | 52.3 | 500 ± 0 | 515 | 1 | 4,000 | – |" \
+        in table
     assert f"| {task} | SPOWL [b] | 10.0 ± 0.0 | 26.9 ± 0.4 |" in table
     assert "- [b] `--lr 0.001`" in table and "broken" not in table
     assert (out / f"{task}.png").stat().st_size > 10_000
