@@ -12,11 +12,17 @@ layer (envs.py) steps Safety-Gymnasium workers from inside the scan by a host ca
 
 import dataclasses
 import functools
+import importlib.metadata
 import json
 import os
+import platform
+import shlex
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Literal, NamedTuple, Optional
 
 import equinox as eqx
@@ -538,6 +544,39 @@ def prepare_run(args, cli_flags):
     return args, True
 
 
+PROVENANCE_PACKAGES = ["jax", "jaxlib", "equinox", "optax", "numpy", "safety-gymnasium", "mujoco"]
+
+
+def record_provenance(run_dir):
+    """Append one line for this launch (fresh or --resume) to <run>/provenance.jsonl: the code's git commit and
+    whether its tree was dirty, the command line and time, the host and JAX devices, and the library versions.
+    Anything unavailable (no git, a package not installed) is recorded as null."""
+
+    def git(*command):
+        try:
+            return subprocess.run(["git", *command], cwd=os.path.dirname(os.path.abspath(__file__)), check=True,
+                                  capture_output=True, text=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    status = git("status", "--porcelain")  # before this launch writes anything, so its own files do not count
+    entry = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
+             "commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
+             "host": socket.gethostname(), "device_kind": jax.devices()[0].device_kind,
+             "device_count": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS"),
+             "versions": {"python": platform.python_version(), **{p: version(p) for p in PROVENANCE_PACKAGES}}}
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "provenance.jsonl"), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
 def save_checkpoint(run_dir, runner, counters):
     """Everything to continue the run -- parameters, optimiser and Lagrangian state, replay buffer, PRNG key and
     counters -- as one `checkpoint.npz`, written under a temporary name and renamed (atomic)."""
@@ -683,6 +722,7 @@ def seed_mesh(num_seeds):
 
 def train(args, resuming):
     """Run (or continue) training in args.log_dir: scanned chunks between log / eval / checkpoint points."""
+    record_provenance(args.log_dir)
     os.makedirs(args.log_dir, exist_ok=True)
     if not resuming:
         with open(os.path.join(args.log_dir, "config.json"), "w") as f:

@@ -7,6 +7,8 @@
 import dataclasses
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -15,10 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tyro
 
 import buffer as replay
 import envs
 import jax_env
+import report
 import spowl
 from planner import act, select_elites
 from policy import augmented_lagrangian, init_policy, update_multipliers
@@ -456,9 +460,13 @@ def spowl_start(*flags, env=None):
                             text=True, cwd=REPO_DIR, env=env)
 
 
-def read_rows(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+def read_jsonl(path):
+    with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def read_rows(run_dir):
+    return read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_path):
@@ -504,6 +512,7 @@ def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_rows(run)
     assert [r["global_step"] for r in rows] == [1000, 1000, 2000, 2000, 3000, 3000]  # continued from 2000, not 0
+    assert len(read_jsonl(os.path.join(run, "provenance.jsonl"))) == 2  # one entry per launch
     # The resumed run updated from its first step on: the restored buffer held 2000 steps, so no random phase.
     for row in rows[-2:]:
         assert "losses/model" in row and row["plan/balance"] >= 0.0
@@ -515,6 +524,19 @@ def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_
     # Each seed's replay buffer kept the first run's data: 1 + 200 + 100 + 1 entries per env (resets included).
     sizes = [x.tolist() for x in leaves if x.shape == (2,) and x.dtype == np.int32]
     assert [1 + 3000 // 10 + 1] * 2 in sizes, sizes
+
+
+def test_each_launch_appends_its_provenance(tmp_path):
+    run = str(tmp_path / "run")
+    spowl.record_provenance(run)
+    spowl.record_provenance(run)  # a --resume
+    entries = read_jsonl(os.path.join(run, "provenance.jsonl"))
+    assert len(entries) == 2
+    entry = entries[-1]
+    assert {"time", "command", "commit", "dirty", "host", "device_kind", "device_count", "versions"} <= set(entry)
+    assert entry["versions"]["jax"] == jax.__version__ and entry["versions"]["numpy"] == np.__version__
+    assert set(entry["versions"]) == {"python", *spowl.PROVENANCE_PACKAGES}
+    assert entry["device_count"] == jax.device_count()
 
 
 def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
@@ -680,3 +702,89 @@ def test_learn_spowl_is_safer_than_unsafe_tdmpc2(tmp_path):
     assert random_return < 2.0 < safe_return / 2, summary  # well clear of what random actions get
     assert safe_cost <= 0.5 * unsafe_cost, summary
     assert safe_return >= 0.7 * unsafe_return, summary
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The report: Table 1 and learning curves from run directories
+
+
+def write_run(run_dir, rows, **config):
+    """A synthetic run directory: config.json from spowl.Args with `config`, and metrics.jsonl from `rows`."""
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(spowl.Args(log_dir=str(run_dir), **config)), f)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def seed_rows(seed, final_return, final_cost, cost_rate, steps=4000):
+    """Log rows every 1000 steps and evals every 2000 (the last eval's return and cost given), for one seed."""
+    rows = []
+    for step in range(1000, steps + 1, 1000):
+        row = {"global_step": step, "seed": seed, "train/cost_rate": cost_rate if step == steps else 1.0}
+        if step % 2000 == 0:
+            last = step == steps
+            row.update({"eval/return_mean": final_return if last else 0.0, "eval/return_std": 1.0,
+                        "eval/cost_mean": final_cost if last else 9.0, "eval/cost_std": 1.0})
+        rows.append(row)
+    return rows
+
+
+def report_cli(*flags):
+    """report.py's main, in this process (a subprocess would import JAX and matplotlib again)."""
+    argv = sys.argv
+    sys.argv = ["report.py", *flags]
+    try:
+        report.main()
+    finally:
+        sys.argv = argv
+
+
+def test_report_table_groups_duplicates_broken_dirs_and_figures(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    task = "SafetyPointGoal1-v0"
+    # SPOWL in the paper's setting: seeds 1-2 in one --num-seeds run, seed 3 in a run with other intervals and budget
+    # (the same group), and seed 3 again in a shorter run (dropped: fewer steps).
+    write_run(runs / "spowl_12", seed_rows(1, 20.0, 1.0, 0.01) + seed_rows(2, 24.0, 2.0, 0.02), env_id=task,
+              num_seeds=2)
+    write_run(runs / "more" / "spowl_3", seed_rows(3, 22.0, 3.0, 0.03, steps=6000), env_id=task, seed=3,
+              eval_every=2000, total_timesteps=6000)
+    write_run(runs / "spowl_3_short", seed_rows(3, 99.0, 99.0, 0.99, steps=2000), env_id=task, seed=3)
+    write_run(runs / "tdmpc2", seed_rows(1, 25.0, 50.0, 0.05), env_id=task, planner="tdmpc2", act="plan")
+    write_run(runs / "spowl_lr", seed_rows(1, 10.0, 4.0, 0.04), env_id=task, lr=1e-3)
+    write_run(runs / "broken", seed_rows(1, 0.0, 0.0, 0.0), env_id=task)
+    (runs / "broken" / "config.json").write_text("{not json")
+    before = sorted(str(p) for p in runs.rglob("*"))
+
+    out = tmp_path / "out"
+    report_cli(str(runs), "--out", str(out))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, warnings
+    assert "broken" in warnings[0] and "seed 3" in warnings[1] and "spowl_3_short" in warnings[1]
+    assert sorted(str(p) for p in runs.rglob("*")) == before  # nothing written into a run directory
+
+    groups = report.group_seeds(report.load_seeds([str(runs)]))
+    assert [(g.mode, g.flags, [s.seed for s in g.seeds]) for g in groups] == [
+        ("SPOWL", (), [1, 2, 3]), ("SPOWL", ("--lr 0.001",), [1]), ("TD-MPC2", (), [1])]
+    (r, c, rho), steps, speed = report.summarize(groups[0])
+    # By hand: R 20, 24, 22 -> 22 +- sqrt(8/3); C 1, 2, 3 -> 2 +- sqrt(2/3); rho 100, 200, 300 -> 200 +- sqrt(20000/3).
+    np.testing.assert_allclose([r, c, rho], [[22, np.sqrt(8 / 3)], [2, np.sqrt(2 / 3)], [200, np.sqrt(20000 / 3)]])
+    assert steps == 4000 and speed is None  # the minimum over seeds; no charts/SPS logged
+    table = (out / "table.md").read_text()
+    assert f"| {task} | SPOWL [a] | 22.0 ± 1.6 | 26.9 ± 0.4 | 2.0 ± 0.8 | 1.5 ± 1.1 | 200 ± 82 | 133 | 3 | 4,000 | – |" \
+        in table
+    assert f"| {task} | TD-MPC2 [a] | 25.0 ± 0.0 | 27.5 | 50.0 ± 0.0 | 52.3 | 500 ± 0 | 515 | 1 | 4,000 | – |" \
+        in table
+    assert f"| {task} | SPOWL [b] | 10.0 ± 0.0 | 26.9 ± 0.4 |" in table
+    assert "- [b] `--lr 0.001`" in table and "broken" not in table
+    assert (out / f"{task}.png").stat().st_size > 10_000
+
+
+def test_results_md_is_what_report_writes_from_the_committed_runs(monkeypatch):
+    """results/RESULTS.md is the page that the command at its top writes from the committed runs (figures aside)."""
+    monkeypatch.chdir(REPO_DIR)
+    with open(os.path.join("results", "RESULTS.md")) as f:
+        committed = f.read()
+    command = re.search(r"`(python report\.py [^`]*)`", committed.splitlines()[0]).group(1)
+    args = tyro.cli(report.Args, args=shlex.split(command)[2:])
+    assert report.render_page(report.group_seeds(report.load_seeds(args.paths)), args) == committed
