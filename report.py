@@ -124,6 +124,8 @@ def read_run(run_dir):
     """The seeds of one run directory.  Raises ValueError (or OSError) where it does not parse."""
     with open(os.path.join(run_dir, "config.json")) as f:
         config = {**dataclasses.asdict(spowl.Args()), **json.load(f)}
+    # A left-out --act resolves by the planner, as spowl.py resolves it before it writes config.json.
+    config["act"] = spowl.resolve_act(spowl.Args(planner=config["planner"], act=config["act"])).act
     rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     provenance_path = os.path.join(run_dir, "provenance.jsonl")
     provenance = read_jsonl(provenance_path) if os.path.isfile(provenance_path) else []
