@@ -396,8 +396,9 @@ def make_train(args, env, eval_env):
         learning = is_learning(runner) if learning is None else learning
         key, key_act, key_env, key_update = split(runner.key, 4)
         action, plan_mean, act_info = jax.vmap(choose_action, in_axes=(0, 0, None))(runner, key_act, learning)
-        agent, info = jax.vmap(improve, in_axes=(0, 0, 0, None))(runner.agent, runner.buffer, key_update, learning)
-        env_state, *transition = env.step(runner.env_state, action, key_env)
+        (env_state, *transition), (agent, info) = env.step(
+            runner.env_state, action, key_env, jax.vmap(improve, in_axes=(0, 0, 0, None)),
+            (runner.agent, runner.buffer, key_update, learning))  # the updates compute while the env steps
         runner, stats = jax.vmap(record)(runner, agent, action, plan_mean, transition)
         metrics = {"learning": jnp.broadcast_to(learning, runner.global_step.shape), **stats,
                    "multiplier": agent.multiplier, "penalty": agent.penalty, **info,
@@ -429,7 +430,7 @@ def make_train(args, env, eval_env):
                 env_state, obs, plan_mean, done, total_return, total_cost = carry
                 key_act, key_env = split(keys, 2)
                 action, plan_mean, _ = eval_act(agent, obs, plan_mean, key_act)
-                env_state, obs, reward, cost, terminated, truncated, _ = eval_env.step(env_state, action, key_env)
+                (env_state, obs, reward, cost, terminated, truncated, _), _ = eval_env.step(env_state, action, key_env)
                 total_return, total_cost = total_return + (~done) * reward, total_cost + (~done) * cost
                 return (env_state, obs, plan_mean, done | terminated | truncated, total_return, total_cost), None
 
@@ -728,6 +729,9 @@ def train(args, resuming):
         with open(os.path.join(args.log_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=2)
     mesh = seed_mesh(args.num_seeds)
+    if mesh.devices.flat[0].platform == "cpu" and max(args.latent_dim, args.num_samples) >= 256:
+        print("note: near the paper's size a CPU takes seconds per planning call; the README's \"Speed\" section "
+              "gives small-size flags for CPU runs", flush=True)
     env, eval_env, vector_envs = envs.make_envs(args, mesh if mesh.size > 1 else None)
     fns = make_train(args, env, eval_env)
     # The seed axis -- the leading axis of the runner and of the keys, the second of the per-step metrics -- is split
