@@ -205,7 +205,8 @@ def pure_env(module, num_seeds, num_envs):
                step)
 
 
-def host_env(vector_env, num_seeds, obs_dim, action_dim, action_repeat, episode_steps, mesh=None):
+def host_env(vector_env, num_seeds, obs_dim, action_dim, action_repeat, episode_steps, mesh=None,
+             work_after_send=None):
     """N x E worker processes (seed-major), stepped from inside `jit` by ordered host callbacks.
 
     A step sends every seed's actions to the workers, computes the caller's `work` while they step, then collects
@@ -213,7 +214,7 @@ def host_env(vector_env, num_seeds, obs_dim, action_dim, action_repeat, episode_
     callbacks' ticket with the work's outputs).  On an accelerator, which runs one kernel at a time, the work also
     waits for the send, so it fills the time the workers take.  On a CPU it is left free to start earlier, beside
     whatever else the step computes (XLA runs independent operations on parallel threads there).  Either way the
-    values, and so the run, are the same.
+    values, and so the run, are the same (`work_after_send`: None decides by the backend, a bool forces it).
 
     JAX cannot `vmap` an ordered callback, so each takes all seeds at once.  Under a device `mesh` (seeds sharded over
     devices) the callbacks run once, on the first device: their inputs are gathered there and their outputs scattered
@@ -244,7 +245,8 @@ def host_env(vector_env, num_seeds, obs_dim, action_dim, action_repeat, episode_
         ticket = callback(send, jax.ShapeDtypeStruct((), jnp.int32), replicated(action))
         result = None
         if work is not None:  # before `receive`; on an accelerator also after `send`
-            if jax.default_backend() != "cpu":  # one stream of kernels: let the workers step while it computes
+            after_send = jax.default_backend() != "cpu" if work_after_send is None else work_after_send
+            if after_send:  # one stream of kernels: let the workers step while it computes
                 ticket, inputs = jax.lax.optimization_barrier((ticket, inputs))
             result = work(*inputs)
             ticket, result = jax.lax.optimization_barrier((ticket, result))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import io_callback
 import tyro
 
 import buffer as replay
@@ -423,6 +424,52 @@ def test_next_step_auto_reset():
     assert all(env.unwrapped.steps == 0 for env in vector_env.envs)  # a fresh episode, not a continued one
     *_, raw_steps = envs.vector_step(vector_env, np.zeros((2, 2), np.float32))
     assert (raw_steps == 5).all()
+
+
+class ScriptedVectorEnv:
+    """A stand-in vector env of 2 x 2 envs that logs its calls; an env's observation is its last action, doubled."""
+
+    num_envs = 4
+
+    def __init__(self):
+        self.calls, self.actions = [], None
+
+    def reset(self):
+        self.calls.append("reset")
+        return np.zeros((4, 3), np.float32), {}
+
+    def step_async(self, actions):
+        self.calls.append("send")
+        self.actions = np.asarray(actions)
+
+    def step_wait(self):
+        self.calls.append("receive")
+        zeros = np.zeros(4)
+        info = {"cost": zeros, "terminated": zeros > 0, "truncated": zeros > 0, "raw_steps": np.ones(4, int)}
+        return np.repeat(2 * self.actions[:, :1], 3, 1), zeros, zeros > 0, zeros > 0, info
+
+
+@pytest.mark.parametrize("work_after_send", [False, True])
+def test_host_env_computes_the_work_while_the_workers_step(work_after_send):
+    """One jitted step: actions out, the work computed, observations back -- the same values whether the work waits
+    for the send (as on an accelerator) or not (as on a CPU)."""
+    vector_env = ScriptedVectorEnv()
+    env = envs.host_env(vector_env, 2, 3, 2, 1, 10, work_after_send=work_after_send)
+    log = []
+
+    def work(x):  # notes which env calls came before it
+        noted = io_callback(lambda x: log.append(list(vector_env.calls)) or x, jax.ShapeDtypeStruct((5,), x.dtype), x)
+        return noted.sum()
+
+    @jax.jit
+    def one_step(action, x):
+        (_, obs, *_), result = env.step((), action, None, work, (x,))
+        return obs, result
+
+    obs, result = one_step(jnp.arange(8.0).reshape(2, 2, 2), jnp.ones(5))
+    np.testing.assert_array_equal(obs[..., 0], 2 * jnp.arange(0.0, 8.0, 2).reshape(2, 2))
+    assert float(result) == 5.0 and vector_env.calls == ["send", "receive"]
+    assert log == [["send"]] if work_after_send else log in ([[]], [["send"]])  # the work ran before the receive
 
 
 @pytest.mark.parametrize("env_id", ["SafetyPointGoal1Vision-v0", "SafetyCarPush2Vision-v0", "Foo-v0",
