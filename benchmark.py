@@ -115,8 +115,8 @@ def time_loop(args, loop_steps):
 
 
 def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600, loop_steps: int = 100):
-    """`env_steps` vector steps of random actions time the raw env, `loop_steps` vector steps the training loop
-    (0 skips either)."""
+    """`repeats` calls time the planning call and the update, `env_steps` vector steps of random actions the raw env,
+    `loop_steps` vector steps the training loop (0 skips any of them)."""
     args = spowl.resolve_act(args)
     spowl.check_args(args)
     if args.env_id in envs.JAX_ENVS:
@@ -135,11 +135,12 @@ def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600, loop_steps: 
     device = jax.devices()[0]
     print(f"{device.platform} ({device.device_kind}): latent {args.latent_dim}, mlp {args.mlp_dim}, "
           f"{args.num_samples} samples x {args.iterations} iterations, batch {b}, {e} envs")
-    profile(f"planning call ({e} envs, act={args.act})",
-            lambda model, policy, obs, mean, key: act(model, policy, obs, mean, key, args), agent.model, agent.policy,
-            obs, mean, key, repeats=repeats)
-    profile("gradient update", lambda agent, batch, key: spowl.update(agent, batch, key, args), agent, batch, key,
-            repeats=repeats)
+    if repeats:
+        profile(f"planning call ({e} envs, act={args.act})",
+                lambda model, policy, obs, mean, key: act(model, policy, obs, mean, key, args), agent.model,
+                agent.policy, obs, mean, key, repeats=repeats)
+        profile("gradient update", lambda agent, batch, key: spowl.update(agent, batch, key, args), agent, batch, key,
+                repeats=repeats)
     if env_steps and args.env_id not in envs.JAX_ENVS:
         time_env(args, action_dim, env_steps)
     if loop_steps:
