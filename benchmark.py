@@ -1,4 +1,4 @@
-"""Speed of SPOWL's parts: one planning call, one gradient update, and the raw vector env alone.
+"""Speed of SPOWL's parts: one planning call, one gradient update, the raw vector env alone, and a checkpoint write.
 
     python benchmark.py --latent-dim 64 --mlp-dim 128 --num-samples 64 --num-envs 2     # small, CPU
     python benchmark.py --num-envs 10                                                    # paper size (GPU)
@@ -6,6 +6,8 @@
 Takes the same flags as spowl.py (sizes, --num-envs, --env-id) and prints the median times after compilation.
 """
 
+import os
+import tempfile
 import time
 
 import jax
@@ -29,6 +31,24 @@ def median_ms(fn, repeats):
     return 1000 * float(np.median(times))
 
 
+def checkpoint_write(args, obs_dim, action_dim):
+    """Size (MB) and write time (s) of the run's checkpoint.  The runner's shapes come from `jax.eval_shape` over a
+    stand-in env, so nothing is computed; its leaves are zeros, which take as long to write (npz does not compress)."""
+    if args.env_id in envs.JAX_ENVS:
+        env = envs.make_envs(args)[0]
+    else:
+        reset = lambda keys: ((), jnp.zeros((args.num_seeds, args.num_envs, obs_dim)))  # noqa: E731
+        env = envs.Env(args.num_seeds, args.num_envs, obs_dim, action_dim, args.action_repeat, 0, reset, None)
+    keys = jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
+    shapes = jax.eval_shape(spowl.make_train(args, env, env).init, keys)
+    runner = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+    with tempfile.TemporaryDirectory(dir=".") as run_dir:  # on the disk runs are written to, not a RAM disk
+        start = time.perf_counter()
+        spowl.save_checkpoint(run_dir, runner, {})
+        seconds = time.perf_counter() - start
+        return os.path.getsize(os.path.join(run_dir, "checkpoint.npz")) / 1e6, seconds
+
+
 def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600):
     """`env_steps` vector steps of uniform random actions time the raw env (0 skips it)."""
     args = spowl.resolve_act(args)
@@ -40,6 +60,8 @@ def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600):
         probe = envs.make_env(args.env_id, args.action_repeat, args.seed)
         obs_dim, action_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
         probe.close()
+    size, seconds = checkpoint_write(args, obs_dim, action_dim)
+    print(f"checkpoint ({args.buffer_size:,}-transition buffer): {size:.0f} MB written in {seconds:.1f} s")
     key = jax.random.PRNGKey(args.seed)
     agent = spowl.init_agent(key, args, obs_dim, action_dim)
     h, b, e = args.horizon, args.batch_size, args.num_envs

@@ -12,6 +12,7 @@ layer (envs.py) steps Safety-Gymnasium workers from inside the scan by a host ca
 
 import dataclasses
 import functools
+import io
 import json
 import os
 import signal
@@ -545,10 +546,12 @@ def save_checkpoint(run_dir, runner, counters):
     so a kill or a failed write at any moment leaves the previous checkpoint whole; a failed write removes the
     temporary file and raises OSError."""
     path = os.path.join(run_dir, "checkpoint.npz")
+    data = io.BytesIO()  # built in memory: a zip file that failed halfway on disk would complain again when collected
+    np.savez(data, format_version=CHECKPOINT_FORMAT, counters=json.dumps(counters),
+             *jax.device_get(jax.tree.leaves(runner)))
     try:
         with open(path + ".tmp", "wb") as f:
-            np.savez(f, format_version=CHECKPOINT_FORMAT, counters=json.dumps(counters),
-                     *jax.device_get(jax.tree.leaves(runner)))
+            f.write(data.getbuffer())
             f.flush()
             os.fsync(f.fileno())
     except OSError:

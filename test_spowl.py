@@ -7,8 +7,11 @@
 import dataclasses
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
+import time
 
 import equinox as eqx
 import jax
@@ -515,6 +518,220 @@ def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_
     # Each seed's replay buffer kept the first run's data: 1 + 200 + 100 + 1 entries per env (resets included).
     sizes = [x.tolist() for x in leaves if x.shape == (2,) and x.dtype == np.int32]
     assert [1 + 3000 // 10 + 1] * 2 in sizes, sizes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Faults: real processes and real signals (README: crash safety)
+
+# The processes of one test share their compiled programs through JAX's persistent cache (a run whose flags differ
+# only in --log-dir or --total-timesteps compiles the same programs); XLA's CPU backend at optimisation level 1
+# compiles in about half the time.
+def fault_env(tmp_path):
+    return {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=1",
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def session_processes(session):
+    """Live (not zombie) processes of a session: a trainer started with start_new_session=True, its env workers and
+    multiprocessing's resource tracker, wherever they were reparented."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state, _, _, sid = f.read().rsplit(")", 1)[1].split()[:4]
+        except OSError:
+            continue
+        if int(sid) == session and state != "Z":
+            pids.append(int(pid))
+    return pids
+
+
+def wait_until(condition, timeout, what, processes=()):
+    """Polls `condition` every 2 ms; fails if a process in `processes` ends first or `timeout` s pass."""
+    end = time.time() + timeout
+    while not condition():
+        for p in processes:
+            assert p.poll() is None, (what, p.returncode, p.stderr.read()[-3000:])
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.002)
+    return time.time()
+
+
+def checkpoint_step(run_dir):
+    """The step of the run's checkpoint, after reading every array of it (so it is whole)."""
+    with np.load(os.path.join(run_dir, "checkpoint.npz")) as data:
+        [data[name] for name in data.files]
+    return spowl.checkpoint_counters(run_dir)["global_step"]
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+PURE_FAULT_FLAGS = ["--env-id", jax_env.ENV_ID, "--num-envs", "2", "--total-timesteps", "500", "--learning-starts",
+                    "100", "--log-every", "100", "--eval-every", "500", "--checkpoint-every", "200", "--eval-episodes",
+                    "2", "--buffer-size", "300000", "--act", "policy", *TINY_FLAGS]  # a 46 MB checkpoint: a slow write
+
+
+def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_path):
+    """On the pure-JAX env, five runs of the same command (so the same compiled program) and one diverging run:
+
+    - reference: runs to the end;
+    - killed: kill -9 while checkpoint.npz.tmp of step 400 is being written: checkpoint.npz stays the one of step
+      200; its rows up to the kill equal the reference's (the same command twice), and after --resume all of them do
+      (metrics.jsonl cut back to step 200, then run again);
+    - terminated: SIGTERM to the trainer alone after the checkpoint of step 200: stops at the next chunk boundary with
+      a checkpoint there, exit 128 + 15 and one line saying how to resume;
+    - full disk: a file-size limit (RLIMIT_FSIZE) of 1 MB set on the running trainer after the checkpoint of step 200:
+      writing the next fails, the run stops with one line, the checkpoint of step 200 stays and no .tmp is left;
+    - diverging: --lr 1e30 from step 200 on, after a checkpoint of step 200: stops at the end of that chunk naming the
+      quantity and step, and keeps the checkpoint.
+    """
+    env = fault_env(tmp_path)
+    run_dirs = {name: tmp_path / name for name in ["reference", "killed", "terminated", "full_disk", "diverging"]}
+    start = lambda name, *flags: subprocess.Popen(  # noqa: E731
+        [sys.executable, "spowl.py", *PURE_FAULT_FLAGS, *flags, "--log-dir", str(run_dirs[name])], cwd=REPO_DIR,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    processes = {}
+    try:
+        processes["reference"] = start("reference")
+        processes["diverging"] = start("diverging", "--lr", "1e30", "--learning-starts", "200")
+        # Once the reference has compiled (its first row), the others load its programs from the cache.
+        wait_until(lambda: (run_dirs["reference"] / "metrics.jsonl").exists(), 600, "the first row",
+                   [processes["reference"]])
+        for name in ["killed", "terminated", "full_disk"]:
+            processes[name] = start(name)
+        checkpoint = lambda name: run_dirs[name] / "checkpoint.npz"  # noqa: E731
+        tmp = lambda name: run_dirs[name] / "checkpoint.npz.tmp"  # noqa: E731
+        faults = {  # what to do to whom, once its condition holds
+            "killed": (lambda: checkpoint("killed").exists() and tmp("killed").exists(),
+                       lambda p: p.kill()),
+            "terminated": (lambda: checkpoint("terminated").exists(), lambda p: p.send_signal(signal.SIGTERM)),
+            "full_disk": (lambda: checkpoint("full_disk").exists(),
+                          lambda p: resource.prlimit(p.pid, resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))),
+        }
+        while faults:
+            for name, (condition, inject) in list(faults.items()):
+                if condition():
+                    inject(processes[name])
+                    del faults[name]
+                else:
+                    assert processes[name].poll() is None, (name, processes[name].stderr.read()[-3000:])
+            time.sleep(0.001)
+        outputs = {name: p.communicate(timeout=600) for name, p in processes.items()}
+    finally:
+        for p in processes.values():
+            p.kill()
+    codes = {name: p.returncode for name, p in processes.items()}
+    assert codes["reference"] == 0, outputs["reference"][1][-3000:]
+
+    # kill -9 in the write: the temporary file is there, unfinished; the checkpoint is the previous one.
+    assert codes["killed"] == -signal.SIGKILL
+    assert tmp("killed").exists() and checkpoint_step(run_dirs["killed"]) == 200
+    reference_rows = [{k: v for k, v in r.items() if k != "charts/SPS"} for r in read_rows(run_dirs["reference"])]
+    untimed = lambda run_dir: [{k: v for k, v in r.items() if k != "charts/SPS"} for r in read_rows(run_dir)]  # noqa: E731
+    killed_rows = untimed(run_dirs["killed"])
+    assert [r["global_step"] for r in killed_rows] == [100, 200, 300, 400]  # the kill came after the rows of 400
+    assert killed_rows == reference_rows[:4]  # the same command twice: the same rows
+    resumed = subprocess.run([sys.executable, "spowl.py", "--resume", str(run_dirs["killed"])], cwd=REPO_DIR, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The JAX env's state is in the checkpoint, so the resumed run is the uninterrupted one, row for row.
+    assert untimed(run_dirs["killed"]) == reference_rows
+    assert checkpoint_step(run_dirs["killed"]) == 500 and not tmp("killed").exists()
+
+    # SIGTERM: a checkpoint at the chunk boundary after the signal, and how to continue.
+    stderr = outputs["terminated"][1]
+    assert codes["terminated"] == 128 + signal.SIGTERM, stderr[-3000:]
+    [line] = [line for line in stderr.splitlines() if "--resume" in line]
+    stopped_at = int(line.split("stopped at step ")[1].split()[0])
+    assert stopped_at in (300, 400) and checkpoint_step(run_dirs["terminated"]) == stopped_at, line
+    assert f"python spowl.py --resume {run_dirs['terminated']}" in line
+
+    # Full disk: one line, the previous checkpoint whole, no temporary file.
+    stderr = outputs["full_disk"][1]
+    assert codes["full_disk"] == 1 and "Traceback" not in stderr, stderr[-3000:]
+    [line] = error_lines(stderr)
+    assert "checkpoint of step 400" in line and "File too large" in line and "step 200 is kept" in line, line
+    assert checkpoint_step(run_dirs["full_disk"]) == 200 and not tmp("full_disk").exists()
+
+    # Divergence: the first non-finite quantity and step, after the checkpoint of step 200, which is kept.
+    stderr = outputs["diverging"][1]
+    assert codes["diverging"] == 1 and "Traceback" not in stderr, stderr[-3000:]
+    [line] = error_lines(stderr)
+    assert " became nan at step 202 (seed 1)" in line and "step 200 is kept" in line, line
+    assert checkpoint_step(run_dirs["diverging"]) == 200
+    assert max(r["global_step"] for r in read_rows(run_dirs["diverging"])) == 200  # no row of the broken chunk
+
+
+SG_FAULT_FLAGS = ["--env-id", SG_ENV, "--num-envs", "1", "--eval-episodes", "1", "--learning-starts", "100",
+                  "--log-every", "100", "--eval-every", "100000", "--checkpoint-every", "100", "--buffer-size", "2000",
+                  "--total-timesteps", "100000", "--act", "policy", *TINY_FLAGS]
+
+
+def workers(trainer):
+    """The trainer's env worker processes (spawned: `spawn_main` in their command line), oldest first."""
+    children = []
+    for pid in session_processes(trainer.pid):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                children.append(pid)
+    return sorted(children)
+
+
+def test_safety_gymnasium_kill_9_of_the_trainer_or_a_worker_and_sigint_to_the_process_group(tmp_path):
+    """Safety-Gymnasium runs of 1 training and 1 eval env worker, each in a session (process group) of its own:
+
+    - kill -9 of the trainer: its workers and the resource tracker exit by themselves within 10 s;
+    - kill -9 of the training env's worker: one line naming it and the cause, every other process exits, the
+      checkpoint stays whole; then --resume, and SIGINT to the whole process group (Ctrl-C in a terminal): the run
+      stops at the chunk boundary with a checkpoint there and one line saying how to resume, and nothing is left.
+    """
+    env = fault_env(tmp_path)
+    start = lambda run_dir, *flags: subprocess.Popen(  # noqa: E731
+        [sys.executable, "spowl.py", *flags], cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    orphaned, failing = tmp_path / "orphaned", tmp_path / "failing"
+    processes = []
+    try:
+        processes += [start(orphaned, *SG_FAULT_FLAGS, "--log-dir", str(orphaned)),
+                      start(failing, *SG_FAULT_FLAGS, "--log-dir", str(failing))]
+        trainer, failing_trainer = processes
+        for run_dir, p in [(orphaned, trainer), (failing, failing_trainer)]:
+            wait_until(lambda: (run_dir / "checkpoint.npz").exists(), 600, f"a checkpoint in {run_dir}", [p])
+            assert len(workers(p)) == 2
+        trainer.kill()
+        killed_at = time.time()
+        trainer.wait()
+        gone_at = wait_until(lambda: not session_processes(trainer.pid), 30, "the orphaned workers to exit")
+        assert gone_at - killed_at < 10
+        assert checkpoint_step(orphaned) > 0
+
+        os.kill(workers(failing_trainer)[0], signal.SIGKILL)  # the first one spawned: training env 0
+        _, stderr = failing_trainer.communicate(timeout=120)
+        assert failing_trainer.returncode == 1, stderr[-3000:]
+        [line] = error_lines(stderr)
+        assert "training env 0 (env seed 10001) worker was killed by SIGKILL" in line, line
+        wait_until(lambda: not session_processes(failing_trainer.pid), 10, "the other worker to exit")
+        step = checkpoint_step(failing)
+
+        processes.append(start(failing, "--resume", str(failing)))
+        resumed = processes[-1]
+        wait_until(lambda: read_rows(failing)[-1]["global_step"] > step, 600, "a row after the resume", [resumed])
+        os.killpg(resumed.pid, signal.SIGINT)
+        _, stderr = resumed.communicate(timeout=120)
+        assert resumed.returncode == 128 + signal.SIGINT, stderr[-3000:]
+        [line] = [line for line in stderr.splitlines() if "--resume" in line]
+        stopped_at = int(line.split("stopped at step ")[1].split()[0])
+        assert checkpoint_step(failing) == stopped_at and f"python spowl.py --resume {failing}" in line
+        assert not session_processes(resumed.pid)
+        steps = [r["global_step"] for r in read_rows(failing)]
+        assert steps == sorted(set(steps)) and steps[-1] <= stopped_at  # each step once, in order
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
 
 
 def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
