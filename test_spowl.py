@@ -712,7 +712,7 @@ def test_safety_gymnasium_kill_9_of_the_trainer_or_a_worker_and_sigint_to_the_pr
         _, stderr = failing_trainer.communicate(timeout=120)
         assert failing_trainer.returncode == 1, stderr[-3000:]
         [line] = error_lines(stderr)
-        assert "training env 0 (env seed 10001) worker was killed by SIGKILL" in line, line
+        assert "training env 0 (env seed 10000) worker was killed by SIGKILL" in line, line
         wait_until(lambda: not session_processes(failing_trainer.pid), 10, "the other worker to exit")
         step = checkpoint_step(failing)
 
