@@ -580,7 +580,7 @@ def load_checkpoint(run_dir, template):
     counters = checkpoint_counters(run_dir)
     expected = jax.tree.leaves(template)
     with np.load(os.path.join(run_dir, "checkpoint.npz")) as data:
-        leaves = [data[f"arr_{i}"] for i in range(len(data.files) - 2)]
+        leaves = [data[f"arr_{i}"] for i in range(sum(name.startswith("arr_") for name in data.files))]
     if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in expected]:
         raise ValueError(f"--resume {run_dir}: the checkpoint's {len(leaves)} arrays do not match the {len(expected)} "
                          "of this code's runner (shapes and dtypes)")

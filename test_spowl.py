@@ -512,7 +512,7 @@ def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_
         assert "losses/model" in row and row["plan/balance"] >= 0.0
     with np.load(os.path.join(run, "checkpoint.npz")) as data:
         counters = json.loads(str(data["counters"]))
-        leaves = [data[f"arr_{i}"] for i in range(len(data.files) - 1)]
+        leaves = [data[name] for name in data.files if name.startswith("arr_")]
     assert counters["next_checkpoint"] == 4000
     assert all(x.shape[0] == 2 for x in leaves)  # every piece of state has its seed axis
     # Each seed's replay buffer kept the first run's data: 1 + 200 + 100 + 1 entries per env (resets included).
@@ -569,9 +569,11 @@ def error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+# Smaller programs, quicker to compile: no planning, a horizon of 1, one update per vector step.
+FAST_FLAGS = [*TINY_FLAGS, "--act", "policy", "--horizon", "1", "--utd-ratio", "0.5"]
 PURE_FAULT_FLAGS = ["--env-id", jax_env.ENV_ID, "--num-envs", "2", "--total-timesteps", "500", "--learning-starts",
                     "100", "--log-every", "100", "--eval-every", "500", "--checkpoint-every", "200", "--eval-episodes",
-                    "2", "--buffer-size", "300000", "--act", "policy", *TINY_FLAGS]  # a 46 MB checkpoint: a slow write
+                    "2", "--buffer-size", "300000", *FAST_FLAGS]  # a 46 MB checkpoint, so its write takes a while
 
 
 def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_path):
@@ -667,7 +669,7 @@ def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_
 
 SG_FAULT_FLAGS = ["--env-id", SG_ENV, "--num-envs", "1", "--eval-episodes", "1", "--learning-starts", "100",
                   "--log-every", "100", "--eval-every", "100000", "--checkpoint-every", "100", "--buffer-size", "2000",
-                  "--total-timesteps", "100000", "--act", "policy", *TINY_FLAGS]
+                  "--total-timesteps", "100000", *FAST_FLAGS, "--utd-ratio", "1"]
 
 
 def workers(trainer):
@@ -713,6 +715,7 @@ def test_safety_gymnasium_kill_9_of_the_trainer_or_a_worker_and_sigint_to_the_pr
         assert failing_trainer.returncode == 1, stderr[-3000:]
         [line] = error_lines(stderr)
         assert "training env 0 (env seed 10000) worker was killed by SIGKILL" in line, line
+        assert "Traceback" not in stderr, stderr[-3000:]
         wait_until(lambda: not session_processes(failing_trainer.pid), 10, "the other worker to exit")
         step = checkpoint_step(failing)
 
@@ -734,10 +737,34 @@ def test_safety_gymnasium_kill_9_of_the_trainer_or_a_worker_and_sigint_to_the_pr
                 os.killpg(p.pid, signal.SIGKILL)
 
 
+def test_checkpoint_round_trip_and_format_checks(tmp_path):
+    runner = {"params": np.arange(6.0).reshape(2, 3), "step": np.array([7], np.int32)}
+    spowl.save_checkpoint(str(tmp_path), runner, {"next_log": 10, "global_step": 7})
+    assert os.listdir(tmp_path) == ["checkpoint.npz"]  # the temporary file was renamed
+    restored, counters = spowl.load_checkpoint(str(tmp_path), runner)
+    assert counters == {"next_log": 10, "global_step": 7}
+    np.testing.assert_array_equal(restored["params"], runner["params"])
+    with pytest.raises(ValueError, match="do not match"):  # another model size
+        spowl.load_checkpoint(str(tmp_path), {**runner, "params": np.zeros((2, 4))})
+    with pytest.raises(ValueError, match="do not match"):  # more state
+        spowl.load_checkpoint(str(tmp_path), {**runner, "more": np.zeros(1)})
+    with open(tmp_path / "checkpoint.npz", "wb") as f:  # as the code before format versions wrote it
+        np.savez(f, *runner.values(), counters=json.dumps(counters))
+    with pytest.raises(ValueError, match="format version none"):
+        spowl.checkpoint_counters(str(tmp_path))
+    (tmp_path / "checkpoint.npz").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        spowl.checkpoint_counters(str(tmp_path))
+
+
 def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "metrics.jsonl").write_text("keep me\n")
+    old_format = tmp_path / "old_format"  # a run directory whose checkpoint has no format version
+    old_format.mkdir()
+    (old_format / "config.json").write_text(json.dumps(dataclasses.asdict(spowl.Args(env_id=jax_env.ENV_ID))))
+    np.savez(old_format / "checkpoint.npz", np.zeros(3), counters="{}")
     cases = [
         (["--env-id", "Foo-v0"], "--env-id"),
         (["--env-id", "SafetyPointGoal1Vision-v0"], "--env-id"),
@@ -747,6 +774,7 @@ def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
         (["--horizon", "0"], "--horizon"),
         (["--num-seeds", "3", "--max-env-workers", "50"], "--max-env-workers"),
         (["--resume", str(tmp_path / "missing")], "--resume"),
+        (["--resume", str(old_format), "--log-dir", str(old_format)], "format version"),
         (["--log-dir", str(existing)], "--log-dir"),
         (["--env-id", "JaxPointGoal1-v0", "--capture-video"], "--capture-video"),
         (["--ci-thresholds", "--switch-rule", "mean"], "--ci-thresholds"),
