@@ -673,7 +673,7 @@ def first_non_finite(metrics, first_seed):
     t, i, key, name = min(found)
     also = sum(1 for other in found[1:] if other[:2] == (t, i))
     return (f"{key} became {metrics[name][t, i]} at step {metrics['global_step'][t, i]} (seed {first_seed + i})"
-            + (f", with {also} other logged quantities" if also else ""))
+            + (f" (and {also} more there)" if also else ""))
 
 
 class Tracker:
