@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
@@ -750,29 +751,40 @@ class StopSignals:
     """SIGINT and SIGTERM while training.  The first asks the loop to stop at the next chunk boundary (`received`),
     where it writes a checkpoint; the second kills the env `workers` and exits at once, without one.
 
-    Python runs a handler in the main thread between bytecodes; JAX's waits for a running computation let it in."""
+    The main thread spends a chunk inside XLA, where Python runs no signal handler, so a thread of its own acts on
+    them: Python's C-level handler writes each signal's number to a "wakeup" pipe the moment it arrives."""
 
     def __init__(self):
         self.received, self.workers = None, []
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        read, self.write = os.pipe()
+        os.set_blocking(self.write, False)
+        self.previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous_fd = signal.set_wakeup_fd(self.write)
+        threading.Thread(target=self.watch, args=(read,), daemon=True).start()
         return self
 
-    def handle(self, signum, frame):
-        if self.received is None:
-            self.received = signal.Signals(signum)
-            os.write(2, f"\n{self.received.name}: stopping at the end of this chunk (again: at once, without a "
-                        "checkpoint)\n".encode())
-            return
-        for vector_env in self.workers:
-            for process in vector_env.processes:
-                process.kill()
-        os._exit(128 + signum)
+    def watch(self, read):
+        while number := os.read(read, 1):  # empty once __exit__ closed the pipe
+            if number[0] not in (signal.SIGINT, signal.SIGTERM):
+                continue
+            if self.received is None:
+                self.received = signal.Signals(number[0])
+                os.write(2, f"\n{self.received.name}: stopping at the end of this chunk (again: at once, without a "
+                            "checkpoint)\n".encode())
+                continue
+            for vector_env in self.workers:
+                for process in vector_env.processes:
+                    process.kill()
+            os._exit(128 + number[0])
+        os.close(read)
 
     def __exit__(self, *exc_info):
+        signal.set_wakeup_fd(self.previous_fd)
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        os.close(self.write)
 
 
 def train(args, resuming):
@@ -800,6 +812,7 @@ def train(args, resuming):
 
 
 def train_loop(args, resuming, mesh, env, eval_env, signals):
+    """`train`'s loop over chunks, on envs that are up: compile, restore, run, log, evaluate, checkpoint, stop."""
     fns = make_train(args, env, eval_env)
     # The seed axis -- the leading axis of the runner and of the keys, the second of the per-step metrics -- is split
     # over the mesh's devices; `jit` partitions the rest.
@@ -821,8 +834,8 @@ def train_loop(args, resuming, mesh, env, eval_env, signals):
             raise RunStopped(f"error: {error}") from None
         runner = jax.device_put(continue_episodes(restored, runner) if signals.workers else restored, by_seed)
         saved_step = step()
-    kept = lambda: (f"the checkpoint of step {saved_step} is kept" if saved_step is not None  # noqa: E731
-                    else "no checkpoint was written yet")
+    def kept():
+        return "no checkpoint was written yet" if saved_step is None else f"the checkpoint of step {saved_step} is kept"
 
     def checkpoint(now):
         nonlocal saved_step
@@ -845,7 +858,7 @@ def train_loop(args, resuming, mesh, env, eval_env, signals):
             if signals.received is not None:  # a chunk boundary: the runner is whole
                 if step() != saved_step:
                     checkpoint(step())
-                raise RunStopped(f"{signals.received.name}: stopped at step {step()} with a checkpoint; continue "
+                raise RunStopped(f"{signals.received.name}: stopped at step {saved_step} with a checkpoint; continue "
                                  f"with: python spowl.py --resume {args.log_dir}", 128 + signals.received)
             stop_at = min(counters["next_log"], counters["next_eval"], counters["next_checkpoint"],
                           args.total_timesteps)
