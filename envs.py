@@ -169,7 +169,7 @@ class Workers(gymnasium.vector.AsyncVectorEnv):
             raise self.failed(error) from None
 
     def failed(self, error: Exception) -> WorkerFailed:
-        """Names the worker behind `error`: one that raised (Gymnasium then drops its pipe) or one whose process ended."""
+        """Names the worker behind `error`: one that raised (Gymnasium drops its pipe) or one whose process ended."""
         raised = [i for i, pipe in enumerate(self.parent_pipes) if pipe is None]
         sentinels = [process.sentinel for process in self.processes]
         ended = [] if raised else multiprocessing.connection.wait(sentinels, timeout=1.0)

@@ -632,9 +632,11 @@ def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_
     # kill -9 in the write: the temporary file is there, unfinished; the checkpoint is the previous one.
     assert codes["killed"] == -signal.SIGKILL
     assert tmp("killed").exists() and checkpoint_step(run_dirs["killed"]) == 200
-    reference_rows = [{k: v for k, v in r.items() if k != "charts/SPS"} for r in read_rows(run_dirs["reference"])]
-    untimed = lambda run_dir: [{k: v for k, v in r.items() if k != "charts/SPS"} for r in read_rows(run_dir)]  # noqa: E731
-    killed_rows = untimed(run_dirs["killed"])
+
+    def untimed(run_dir):
+        return [{k: v for k, v in row.items() if k != "charts/SPS"} for row in read_rows(run_dir)]
+
+    reference_rows, killed_rows = untimed(run_dirs["reference"]), untimed(run_dirs["killed"])
     assert [r["global_step"] for r in killed_rows] == [100, 200, 300, 400]  # the kill came after the rows of 400
     assert killed_rows == reference_rows[:4]  # the same command twice: the same rows
     resumed = subprocess.run([sys.executable, "spowl.py", "--resume", str(run_dirs["killed"])], cwd=REPO_DIR, env=env,
@@ -694,9 +696,10 @@ def test_safety_gymnasium_kill_9_of_the_trainer_or_a_worker_and_sigint_to_the_pr
       boundary with a checkpoint there and one line saying how to resume, and nothing is left.
     """
     names = ["orphaned", "failing", "interrupted"]
-    processes = {name: subprocess.Popen([sys.executable, "spowl.py", *SG_FAULT_FLAGS, "--log-dir", str(tmp_path / name)],
-                                        cwd=REPO_DIR, env=fault_env(tmp_path), stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, start_new_session=True) for name in names}
+    processes = {name: subprocess.Popen([sys.executable, "spowl.py", *SG_FAULT_FLAGS, "--log-dir",
+                                         str(tmp_path / name)], cwd=REPO_DIR, env=fault_env(tmp_path),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True) for name in names}
     try:
         for name, p in processes.items():
             wait_until(lambda: (tmp_path / name / "checkpoint.npz").exists(), 600, f"a checkpoint of {name}", [p])
