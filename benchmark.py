@@ -1,4 +1,5 @@
-"""Speed of SPOWL: one planning call, one gradient update, the raw vector env, and the whole training loop.
+"""Speed of SPOWL: one planning call, one gradient update, the raw vector env, the whole training loop, and a
+checkpoint write.
 
     python benchmark.py --latent-dim 64 --mlp-dim 128 --enc-dim 64 --num-samples 64 --num-pi-trajs 8 \
         --num-elites 16 --batch-size 64 --num-envs 2                                  # the README's small size, CPU
@@ -10,10 +11,13 @@ Takes the same flags as spowl.py (sizes, --num-envs, --env-id, --num-seeds).  Pr
     products on some backends) -- and the GFLOP/s achieved;
   - ms per raw env step of the vector env alone (Safety-Gymnasium);
   - the training loop end to end: compile time, then raw env steps/s over `loop-steps` vector steps of learning
-    (planning, env steps, buffer adds and updates), per seed and in total.
+    (planning, env steps, buffer adds and updates), per seed and in total;
+  - the size and write time of the run's checkpoint (replay buffer included).
 """
 
 import math
+import os
+import tempfile
 import time
 
 import jax
@@ -36,6 +40,26 @@ def median_ms(fn, repeats):
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times))
+
+
+def checkpoint_write(args, obs_dim, action_dim):
+    """Size (MB) and write time (s) of the run's checkpoint.  The runner's shapes come from `jax.eval_shape` over a
+    stand-in env, so nothing is computed; its leaves are zeros, which take as long to write (npz does not compress)."""
+    if args.env_id in envs.JAX_ENVS:
+        env = envs.make_envs(args)[0]
+    else:
+        reset = lambda keys: ((), jnp.zeros((args.num_seeds, args.num_envs, obs_dim)))  # noqa: E731
+        env = envs.Env(args.num_seeds, args.num_envs, obs_dim, action_dim, args.action_repeat, 0, reset, None)
+    keys = jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
+    shapes = jax.eval_shape(spowl.make_train(args, env, env).init, keys)
+    runner = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+    with tempfile.TemporaryDirectory(dir=".") as run_dir:  # on the disk runs are written to, not a RAM disk
+        start = time.perf_counter()
+        spowl.save_checkpoint(run_dir, runner, {})
+        seconds = time.perf_counter() - start
+        return os.path.getsize(os.path.join(run_dir, "checkpoint.npz")) / 1e6, seconds
+
+
 
 
 def matmul_flops(jaxpr):
@@ -114,9 +138,9 @@ def time_loop(args, loop_steps):
             v.close()
 
 
-def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600, loop_steps: int = 100):
+def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600, loop_steps: int = 100, checkpoint: bool = True):
     """`repeats` calls time the planning call and the update, `env_steps` vector steps of random actions the raw env,
-    `loop_steps` vector steps the training loop (0 skips any of them)."""
+    `loop_steps` vector steps the training loop (0 skips any of them); `checkpoint` times a checkpoint write."""
     args = spowl.resolve_act(args)
     spowl.check_args(args)
     if args.env_id in envs.JAX_ENVS:
@@ -126,6 +150,9 @@ def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600, loop_steps: 
         probe = envs.make_env(args.env_id, args.action_repeat, args.seed)
         obs_dim, action_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
         probe.close()
+    if checkpoint:
+        size, seconds = checkpoint_write(args, obs_dim, action_dim)
+        print(f"checkpoint ({args.buffer_size:,}-transition buffer): {size:.0f} MB written in {seconds:.1f} s")
     key = jax.random.PRNGKey(args.seed)
     agent = spowl.init_agent(key, args, obs_dim, action_dim)
     h, b, e = args.horizon, args.batch_size, args.num_envs

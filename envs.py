@@ -11,6 +11,9 @@ host callback (`host_env`); pure-JAX tasks (jax_env.py) are stepped inside the s
 
 import contextlib
 import functools
+import logging
+import multiprocessing.connection
+import signal
 import types
 from typing import NamedTuple
 from unittest import mock
@@ -20,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import xmltodict
+from gymnasium.vector.async_vector_env import AsyncState
 from jax.experimental import io_callback
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
@@ -127,12 +131,76 @@ def make_env(env_id: str, action_repeat: int, seed: int, render: bool = False) -
     return SpowlEnv(env, action_repeat, seed, cheap_reset=not render)
 
 
-def make_vector_env(env_id: str, seeds: list, action_repeat: int) -> gymnasium.vector.AsyncVectorEnv:
+class WorkerFailed(RuntimeError):
+    """An env worker process died or raised; the message names it and the cause."""
+
+
+class Workers(gymnasium.vector.AsyncVectorEnv):
+    """Gymnasium 0.28's `AsyncVectorEnv` whose worker processes ignore SIGINT and which, when a worker dies or raises,
+    raises `WorkerFailed` naming it (and keeps the message in `failure`).
+
+    A worker whose trainer died (kill -9, say) exits by itself: its next read or write of the pipe to the trainer
+    fails, Gymnasium's worker loop ends on that error, and the process with it.
+    """
+
+    def __init__(self, env_fns, kind: str, seeds: list):
+        # "spawn", not the Linux default "fork": forking a process in which JAX's threads already run can deadlock.
+        # The workers re-import the main module, so a script needs its `if __name__ == "__main__":` guard.
+        # Ctrl-C in a terminal signals the whole process group, and Gymnasium's workers die on KeyboardInterrupt, so
+        # they start with SIGINT ignored (exec keeps an ignored signal ignored, and Python leaves it so) and the
+        # trainer decides.  The trainer itself ignores SIGINT for these few seconds too.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            super().__init__(env_fns, context="spawn")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        self.kind, self.seeds, self.failure = kind, seeds, None
+
+    def reset(self, **kwargs):
+        try:
+            return super().reset(**kwargs)
+        except Exception as error:
+            raise self.failed(error) from None
+
+    def step_async(self, actions):
+        try:
+            return super().step_async(actions)
+        except Exception as error:
+            raise self.failed(error) from None
+
+    def step_wait(self, **kwargs):
+        try:
+            return super().step_wait(**kwargs)
+        except Exception as error:
+            raise self.failed(error) from None
+
+    def failed(self, error: Exception) -> WorkerFailed:
+        """Names the worker behind `error`: one that raised (Gymnasium drops its pipe) or one whose process ended."""
+        raised = [i for i, pipe in enumerate(self.parent_pipes) if pipe is None]
+        sentinels = [process.sentinel for process in self.processes]
+        ended = [] if raised else multiprocessing.connection.wait(sentinels, timeout=1.0)
+        if raised:
+            index, cause = raised[0], f"raised {type(error).__name__}: {error}"
+        elif ended:
+            index = sentinels.index(ended[0])
+            code = self.processes[index].exitcode
+            cause = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        else:
+            index, cause = None, f"failed: {type(error).__name__}: {error}"
+        which = "an unknown" if index is None else f"{self.kind} env {index} (env seed {self.seeds[index]})"
+        self.failure = f"{which} worker {cause}"
+        self._state = AsyncState.DEFAULT  # nothing is pending any more: close(terminate=True) stops the rest at once
+        return WorkerFailed(self.failure)
+
+
+# JAX logs every exception raised in a host callback with its traceback; a failed worker is reported in one line.
+logging.getLogger("jax._src.callback").addFilter(
+    lambda record: not (record.exc_info and isinstance(record.exc_info[1], WorkerFailed)))
+
+
+def make_vector_env(env_id: str, seeds: list, action_repeat: int, kind: str = "training") -> Workers:
     """One env per seed in `seeds`, each in a worker process, seeded with it at its first reset."""
-    # "spawn", not the Linux default "fork": forking a process in which JAX's threads already run can deadlock. The
-    # workers re-import the main module, so a script needs its `if __name__ == "__main__":` guard.
-    env_fns = [functools.partial(make_env, env_id, action_repeat, seed) for seed in seeds]
-    return gymnasium.vector.AsyncVectorEnv(env_fns, context="spawn")
+    return Workers([functools.partial(make_env, env_id, action_repeat, seed) for seed in seeds], kind, seeds)
 
 
 def vector_reset(envs: gymnasium.vector.VectorEnv) -> np.ndarray:
@@ -285,9 +353,9 @@ def make_envs(args, mesh=None):
         module = JAX_ENVS[args.env_id]
         return pure_env(module, args.num_seeds, args.num_envs), pure_env(module, args.num_seeds, num_eval), []
     vector_envs = [make_vector_env(args.env_id, env_seeds(args.seed, args.num_seeds, args.num_envs),
-                                   args.action_repeat),
+                                   args.action_repeat, "training"),
                    make_vector_env(args.env_id, env_seeds(args.seed, args.num_seeds, num_eval, EVAL_OFFSET),
-                                   args.action_repeat)]
+                                   args.action_repeat, "eval")]
     obs_dim, action_dim = vector_envs[0].single_observation_space.shape[0], vector_envs[0].single_action_space.shape[0]
     episode_steps = -(-vector_envs[0].get_attr("spec")[0].max_episode_steps // args.action_repeat)
     envs = [host_env(v, args.num_seeds, obs_dim, action_dim, args.action_repeat, episode_steps, mesh)

@@ -13,13 +13,16 @@ layer (envs.py) steps Safety-Gymnasium workers from inside the scan by a host ca
 import dataclasses
 import functools
 import importlib.metadata
+import io
 import json
 import os
 import platform
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -378,11 +381,12 @@ def make_train(args, env, eval_env):
         ended = terminated | truncated
         episode_return = jnp.where(resetting, 0.0, runner.episode_return) + reward
         episode_cost = jnp.where(resetting, 0.0, runner.episode_cost) + cost
-        stats = {"ended": ended, "episode_return": episode_return, "episode_cost": episode_cost}
+        global_step = runner.global_step + raw_steps.sum()
+        stats = {"ended": ended, "episode_return": episode_return, "episode_cost": episode_cost,
+                 "global_step": global_step}
         return runner._replace(agent=agent, buffer=buffer, obs=obs, ended=ended,
                                plan_mean=jnp.where(resetting[:, None, None], 0.0, plan_mean),
-                               episode_return=episode_return, episode_cost=episode_cost,
-                               global_step=runner.global_step + raw_steps.sum(),
+                               episode_return=episode_return, episode_cost=episode_cost, global_step=global_step,
                                total_cost=runner.total_cost + cost.sum()), stats
 
     def step(runner, learning=None):
@@ -400,8 +404,9 @@ def make_train(args, env, eval_env):
             runner.env_state, action, key_env, jax.vmap(improve, in_axes=(0, 0, 0, None)),
             (runner.agent, runner.buffer, key_update, learning))  # the updates compute while the env steps
         runner, stats = jax.vmap(record)(runner, agent, action, plan_mean, transition)
+        param_norm = jax.vmap(lambda a: optax.global_norm(eqx.filter((a.model, a.policy), eqx.is_inexact_array)))
         metrics = {"learning": jnp.broadcast_to(learning, runner.global_step.shape), **stats,
-                   "multiplier": agent.multiplier, "penalty": agent.penalty, **info,
+                   "multiplier": agent.multiplier, "penalty": agent.penalty, "param_norm": param_norm(agent), **info,
                    **jax.tree.map(lambda x: x.mean(-1), act_info)}  # planner and switch diagnostics, env means
         return runner._replace(env_state=env_state, key=key), metrics
 
@@ -542,6 +547,7 @@ def prepare_run(args, cli_flags):
     overrides = {name: getattr(args, name) for name in cli_flags & {"total_timesteps", "progress_bar", "track"}}
     args = dataclasses.replace(saved, resume=args.resume, log_dir=args.resume, **overrides)
     check_args(args)
+    checkpoint_counters(args.resume)  # readable, and in this code's format
     return args, True
 
 
@@ -578,24 +584,57 @@ def record_provenance(run_dir):
         f.write(json.dumps(entry) + "\n")
 
 
+# The checkpoint format: `format_version`, `counters` (JSON: the event counters and the checkpoint's global_step) and
+# the runner's leaves `arr_0`, `arr_1`, ... in `jax.tree.leaves` order.  A change of the runner or of the counters
+# (new state) increments the version, and --resume then refuses older checkpoints in one line.
+CHECKPOINT_FORMAT = 1
+
+
 def save_checkpoint(run_dir, runner, counters):
-    """Everything to continue the run -- parameters, optimiser and Lagrangian state, replay buffer, PRNG key and
-    counters -- as one `checkpoint.npz`, written under a temporary name and renamed (atomic)."""
+    """Everything to continue the run -- parameters, optimiser and Lagrangian state, replay buffer, env state, PRNG
+    key and counters -- as one `checkpoint.npz`.  It is written to `checkpoint.npz.tmp`, flushed to disk and renamed,
+    so a kill or a failed write at any moment leaves the previous checkpoint whole; a failed write removes the
+    temporary file and raises OSError."""
     path = os.path.join(run_dir, "checkpoint.npz")
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, counters=json.dumps(counters), *jax.device_get(jax.tree.leaves(runner)))
+    data = io.BytesIO()  # built in memory: a zip file that failed halfway on disk would complain again when collected
+    np.savez(data, format_version=CHECKPOINT_FORMAT, counters=json.dumps(counters),
+             *jax.device_get(jax.tree.leaves(runner)))
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(data.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        os.remove(path + ".tmp")
+        raise
     os.replace(path + ".tmp", path)
 
 
+def checkpoint_counters(run_dir):
+    """The counters of the checkpoint in `run_dir`; ValueError unless it is one this code wrote, in this format."""
+    path = os.path.join(run_dir, "checkpoint.npz")
+    try:
+        with np.load(path) as data:
+            version = int(data["format_version"]) if "format_version" in data.files else None
+            counters = json.loads(str(data["counters"])) if version == CHECKPOINT_FORMAT else None
+    except (OSError, ValueError, KeyError) as error:  # missing, not an npz, or foreign
+        raise ValueError(f"--resume {run_dir}: cannot read {path} ({error})") from None
+    if version != CHECKPOINT_FORMAT:
+        raise ValueError(f"--resume {run_dir}: the checkpoint has format version {version or 'none (older code)'}, "
+                         f"this code reads version {CHECKPOINT_FORMAT}")
+    return counters
+
+
 def load_checkpoint(run_dir, template):
-    """The saved runner (into the structure of `template`) and counters."""
+    """The saved runner (into the structure of `template`) and counters; ValueError if they do not fit it."""
+    counters = checkpoint_counters(run_dir)
+    expected = jax.tree.leaves(template)
     with np.load(os.path.join(run_dir, "checkpoint.npz")) as data:
-        leaves = [data[f"arr_{i}"] for i in range(len(data.files) - 1)]
-        counters = json.loads(str(data["counters"]))
-    treedef = jax.tree.structure(template)
-    if len(leaves) != treedef.num_leaves:
-        raise ValueError(f"--resume {run_dir}: the checkpoint does not match this code's agent")
-    return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves]), counters
+        leaves = [data[f"arr_{i}"] for i in range(sum(name.startswith("arr_") for name in data.files))]
+    if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in expected]:
+        raise ValueError(f"--resume {run_dir}: the checkpoint's {len(leaves)} arrays do not match the {len(expected)} "
+                         "of this code's runner (shapes and dtypes)")
+    return jax.tree.unflatten(jax.tree.structure(template), [jnp.asarray(x) for x in leaves]), counters
 
 
 @jax.vmap
@@ -612,15 +651,25 @@ def continue_episodes(restored, fresh):
 
 class Logger:
     """One JSON object per row appended to <run>/metrics.jsonl, the same scalars as TensorBoard events (a writer per
-    seed when several train at once), and W&B with --track."""
+    seed when several train at once), and W&B with --track.
 
-    def __init__(self, args):
+    A run resumed from a checkpoint at `resume_step` runs the steps after it again, so metrics.jsonl keeps only its
+    rows up to that step and TensorBoard purges its later events: both see each step once, in order."""
+
+    def __init__(self, args, resume_step=None):
         from tensorboardX import SummaryWriter
 
         self.path = os.path.join(args.log_dir, "metrics.jsonl")
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:  # a line cut short by a kill has no newline and lies after the checkpoint
+                kept = [line for line in f if line.endswith("\n") and json.loads(line)["global_step"] <= resume_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+        purge_step = None if resume_step is None else resume_step + 1
         seeds = [args.seed + i for i in range(args.num_seeds)]
-        self.writers = {s: SummaryWriter(args.log_dir if args.num_seeds == 1 else f"{args.log_dir}/seed_{s}")
-                        for s in seeds}
+        self.writers = {s: SummaryWriter(args.log_dir if args.num_seeds == 1 else f"{args.log_dir}/seed_{s}",
+                                         purge_step=purge_step) for s in seeds}
         self.wandb = None
         if args.track:
             import wandb
@@ -656,7 +705,25 @@ METRIC_NAMES = {"consistency": "losses/consistency", "reward": "losses/reward", 
                 "q_target": "values/q_target", "cost_value_target": "values/cost_value_target",
                 "used_plan": "plan/balance", "elites": "plan/elites", "no_improvement": "plan/no_improvement",
                 "d_reward": "plan/d_reward", "d_cost": "plan/d_cost", "q_low": "switch/q_low",
-                "qc_high": "switch/qc_high"}
+                "qc_high": "switch/qc_high", "param_norm": "charts/param_norm"}
+# A NaN or +-inf in any of these, or in lambda and mu, stops the run (`first_non_finite`).
+CHECKED_NAMES = {**METRIC_NAMES, "multiplier": "lagrange/lambda", "penalty": "lagrange/mu"}
+
+
+def first_non_finite(metrics, first_seed):
+    """Names the earliest NaN or +-inf among a chunk's per-step losses, diagnostics, lambda, mu and parameter norm
+    (numpy, (steps, seeds)), with its global step and seed; None if there is none."""
+    found = []  # (step index, seed index, log key, name) of each quantity's first non-finite value
+    for name, key in CHECKED_NAMES.items():
+        bad = np.argwhere(~np.isfinite(metrics[name]) & metrics["active"]) if name in metrics else []
+        if len(bad):
+            found.append((*bad[0], key, name))
+    if not found:
+        return None
+    t, i, key, name = min(found)
+    also = sum(1 for other in found[1:] if other[:2] == (t, i))
+    return (f"{key} became {metrics[name][t, i]} at step {metrics['global_step'][t, i]} (seed {first_seed + i})"
+            + (f" (and {also} more there)" if also else ""))
 
 
 class Tracker:
@@ -721,8 +788,59 @@ def seed_mesh(num_seeds):
     return Mesh(np.array(devices[:used]), ("seed",))
 
 
+class RunStopped(Exception):
+    """Ends a run early with one line for the user (`message`) and a non-zero exit `code`."""
+
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+class StopSignals:
+    """SIGINT and SIGTERM while training.  The first asks the loop to stop at the next chunk boundary (`received`),
+    where it writes a checkpoint; the second kills the env `workers` and exits at once, without one.
+
+    The main thread spends a chunk inside XLA, where Python runs no signal handler, so a thread of its own acts on
+    them: Python's C-level handler writes each signal's number to a "wakeup" pipe the moment it arrives."""
+
+    def __init__(self):
+        self.received, self.workers = None, []
+
+    def __enter__(self):
+        read, self.write = os.pipe()
+        os.set_blocking(self.write, False)
+        self.previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous_fd = signal.set_wakeup_fd(self.write)
+        threading.Thread(target=self.watch, args=(read,), daemon=True).start()
+        return self
+
+    def watch(self, read):
+        while number := os.read(read, 1):  # empty once __exit__ closed the pipe
+            if number[0] not in (signal.SIGINT, signal.SIGTERM):
+                continue
+            if self.received is None:
+                self.received = signal.Signals(number[0])
+                os.write(2, f"\n{self.received.name}: stopping at the end of this chunk (again: at once, without a "
+                            "checkpoint)\n".encode())
+                continue
+            for vector_env in self.workers:
+                for process in vector_env.processes:
+                    process.kill()
+            os._exit(128 + number[0])
+        os.close(read)
+
+    def __exit__(self, *exc_info):
+        signal.set_wakeup_fd(self.previous_fd)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        os.close(self.write)
+
+
 def train(args, resuming):
-    """Run (or continue) training in args.log_dir: scanned chunks between log / eval / checkpoint points."""
+    """Run (or continue) training in args.log_dir: scanned chunks between log / eval / checkpoint points.
+
+    Raises RunStopped on a stop signal (after a checkpoint), a NaN or inf, a failed env worker or a failed write
+    (keeping the last checkpoint)."""
     record_provenance(args.log_dir)
     os.makedirs(args.log_dir, exist_ok=True)
     if not resuming:
@@ -732,7 +850,22 @@ def train(args, resuming):
     if mesh.devices.flat[0].platform == "cpu" and max(args.latent_dim, args.num_samples) >= 256:
         print("note: near the paper's size a CPU takes seconds per planning call; the README's \"Speed\" section "
               "gives small-size flags for CPU runs", flush=True)
-    env, eval_env, vector_envs = envs.make_envs(args, mesh if mesh.size > 1 else None)
+    with StopSignals() as signals:
+        env, eval_env, signals.workers = envs.make_envs(args, mesh if mesh.size > 1 else None)
+        try:
+            return train_loop(args, resuming, mesh, env, eval_env, signals)
+        except jax.errors.JaxRuntimeError:
+            failure = next((v.failure for v in signals.workers if v.failure), None)
+            if failure is None:
+                raise
+            raise RunStopped(f"error: {failure}; the last checkpoint is kept in {args.log_dir}") from None
+        finally:
+            for v in signals.workers:
+                v.close(terminate=v.failure is not None)
+
+
+def train_loop(args, resuming, mesh, env, eval_env, signals):
+    """`train`'s loop over chunks, on envs that are up: compile, restore, run, log, evaluate, checkpoint, stop."""
     fns = make_train(args, env, eval_env)
     # The seed axis -- the leading axis of the runner and of the keys, the second of the per-step metrics -- is split
     # over the mesh's devices; `jit` partitions the rest.
@@ -745,11 +878,27 @@ def train(args, resuming):
     seed_keys = lambda key: jax.device_put(jnp.stack(key), by_seed)  # noqa: E731
     runner = init(seed_keys([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)]))
     counters = {"next_log": args.log_every, "next_eval": args.eval_every, "next_checkpoint": args.checkpoint_every}
-    if resuming:
-        restored, counters = load_checkpoint(args.log_dir, runner)
-        runner = jax.device_put(continue_episodes(restored, runner) if vector_envs else restored, by_seed)
     step = lambda: int(np.max(jax.device_get(runner.global_step)))  # noqa: E731  (equal over seeds)
-    logger, trackers = Logger(args), [Tracker() for _ in range(args.num_seeds)]
+    saved_step = None  # the step of the last complete checkpoint
+    if resuming:
+        try:
+            restored, counters = load_checkpoint(args.log_dir, runner)
+        except ValueError as error:
+            raise RunStopped(f"error: {error}") from None
+        runner = jax.device_put(continue_episodes(restored, runner) if signals.workers else restored, by_seed)
+        saved_step = step()
+    def kept():
+        return "no checkpoint was written yet" if saved_step is None else f"the checkpoint of step {saved_step} is kept"
+
+    def checkpoint(now):
+        nonlocal saved_step
+        try:
+            save_checkpoint(args.log_dir, runner, {**counters, "global_step": now})
+        except OSError as error:
+            raise RunStopped(f"error: writing the checkpoint of step {now} failed ({error}); {kept()}") from None
+        saved_step = now
+
+    logger, trackers = Logger(args, saved_step), [Tracker() for _ in range(args.num_seeds)]
     bar = None
     if args.progress_bar:
         from tqdm import tqdm
@@ -759,10 +908,18 @@ def train(args, resuming):
     last_time, last_step, eval_note = time.time(), step(), ""
     try:
         while step() < args.total_timesteps:
+            if signals.received is not None:  # a chunk boundary: the runner is whole
+                if step() != saved_step:
+                    checkpoint(step())
+                raise RunStopped(f"{signals.received.name}: stopped at step {saved_step} with a checkpoint; continue "
+                                 f"with: python spowl.py --resume {args.log_dir}", 128 + signals.received)
             stop_at = min(counters["next_log"], counters["next_eval"], counters["next_checkpoint"],
                           args.total_timesteps)
             runner, metrics = run(runner, stop_at)
             metrics = jax.device_get(metrics)
+            non_finite = first_non_finite(metrics, args.seed)
+            if non_finite is not None:
+                raise RunStopped(f"error: {non_finite}; {kept()}")
             for i, tracker in enumerate(trackers):
                 tracker.add(jax.tree.map(lambda x: x[:, i], metrics))  # (steps, seeds, ...)
             now = step()
@@ -794,9 +951,12 @@ def train(args, resuming):
                     os.makedirs(os.path.join(args.log_dir, "videos"), exist_ok=True)
                     record_video(args, jax.tree.map(lambda x: x[0], runner.agent),
                                  os.path.join(args.log_dir, "videos", f"eval_{now}.mp4"), video_key, video_act)
-            logger.write(rows)
+            try:
+                logger.write(rows)
+            except OSError as error:
+                raise RunStopped(f"error: writing the metrics of step {now} failed ({error}); {kept()}") from None
             if "checkpoint" in fired:
-                save_checkpoint(args.log_dir, runner, counters)
+                checkpoint(now)
             if "log" in fired:
                 last_time = time.time()  # SPS counts training only, not evaluation or checkpointing
                 if bar is not None:
@@ -805,8 +965,6 @@ def train(args, resuming):
         if bar is not None:
             bar.close()
         logger.close()
-        for v in vector_envs:
-            v.close()
     return runner
 
 
@@ -819,7 +977,11 @@ def main():
         args, resuming = prepare_run(args, cli_flags & {f.name for f in dataclasses.fields(Args)})
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    train(args, resuming)
+    try:
+        train(args, resuming)
+    except RunStopped as stop:
+        print(stop.message, file=sys.stderr, flush=True)
+        sys.exit(stop.code)
 
 
 if __name__ == "__main__":

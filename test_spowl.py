@@ -8,9 +8,12 @@ import dataclasses
 import json
 import os
 import re
+import resource
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import equinox as eqx
 import jax
@@ -573,7 +576,7 @@ def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_
         assert "losses/model" in row and row["plan/balance"] >= 0.0
     with np.load(os.path.join(run, "checkpoint.npz")) as data:
         counters = json.loads(str(data["counters"]))
-        leaves = [data[f"arr_{i}"] for i in range(len(data.files) - 1)]
+        leaves = [data[name] for name in data.files if name.startswith("arr_")]
     assert counters["next_checkpoint"] == 4000
     assert all(x.shape[0] == 2 for x in leaves)  # every piece of state has its seed axis
     # Each seed's replay buffer kept the first run's data: 1 + 200 + 100 + 1 entries per env (resets included).
@@ -594,10 +597,284 @@ def test_each_launch_appends_its_provenance(tmp_path):
     assert entry["device_count"] == jax.device_count()
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Faults: real processes and real signals (README: crash safety)
+
+# The processes of one test share their compiled programs through JAX's persistent cache (a run whose flags differ
+# only in --log-dir or --total-timesteps compiles the same programs); XLA's CPU backend at optimisation level 1
+# compiles in about half the time.
+def fault_env(tmp_path):
+    return {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=1",
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def session_processes(session):
+    """Live (not zombie) processes of a session: a trainer started with start_new_session=True, its env workers and
+    multiprocessing's resource tracker, wherever they were reparented."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state, _, _, sid = f.read().rsplit(")", 1)[1].split()[:4]
+        except OSError:
+            continue
+        if int(sid) == session and state != "Z":
+            pids.append(int(pid))
+    return pids
+
+
+def wait_until(condition, timeout, what, processes=()):
+    """Polls `condition` every 2 ms; fails if a process in `processes` ends first or `timeout` s pass."""
+    end = time.time() + timeout
+    while not condition():
+        for p in processes:
+            assert p.poll() is None, (what, p.returncode, p.stderr.read()[-3000:])
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.002)
+    return time.time()
+
+
+def checkpoint_step(run_dir):
+    """The step of the run's checkpoint, after reading every array of it (so it is whole)."""
+    with np.load(os.path.join(run_dir, "checkpoint.npz")) as data:
+        [data[name] for name in data.files]
+    return spowl.checkpoint_counters(run_dir)["global_step"]
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+# Smaller programs, quicker to compile: no planning, a horizon of 1, one update per vector step.
+FAST_FLAGS = [*TINY_FLAGS, "--act", "policy", "--horizon", "1", "--utd-ratio", "0.5"]
+PURE_FAULT_FLAGS = ["--env-id", jax_env.ENV_ID, "--num-envs", "2", "--total-timesteps", "500", "--learning-starts",
+                    "100", "--log-every", "100", "--eval-every", "500", "--checkpoint-every", "200", "--eval-episodes",
+                    "2", "--buffer-size", "300000", *FAST_FLAGS]  # a 46 MB checkpoint, so its write takes a while
+
+
+def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_path):
+    """On the pure-JAX env, five runs of the same command (so the same compiled program) and one diverging run:
+
+    - reference: runs to the end;
+    - killed: kill -9 while checkpoint.npz.tmp of step 400 is being written: checkpoint.npz stays the one of step
+      200; its rows up to the kill equal the reference's (the same command twice), and after --resume all of them do
+      (metrics.jsonl cut back to step 200, then run again);
+    - terminated: SIGTERM to the trainer alone after the checkpoint of step 200: stops at the next chunk boundary with
+      a checkpoint there, exit 128 + 15 and one line saying how to resume;
+    - full disk: a file-size limit (RLIMIT_FSIZE) of 1 MB set on the running trainer after the checkpoint of step 200:
+      writing the next fails, the run stops with one line, the checkpoint of step 200 stays and no .tmp is left;
+    - diverging: --lr 1e30 from step 200 on, after a checkpoint of step 200: stops at the end of that chunk naming the
+      quantity and step, and keeps the checkpoint.
+    """
+    env = fault_env(tmp_path)
+    run_dirs = {name: tmp_path / name for name in ["reference", "killed", "terminated", "full_disk", "diverging"]}
+    start = lambda name, *flags: subprocess.Popen(  # noqa: E731
+        [sys.executable, "spowl.py", *PURE_FAULT_FLAGS, *flags, "--log-dir", str(run_dirs[name])], cwd=REPO_DIR,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    processes = {}
+    try:
+        processes["reference"] = start("reference")
+        processes["diverging"] = start("diverging", "--lr", "1e30", "--learning-starts", "200")
+        # Once the reference has compiled (its first row), the others load its programs from the cache.
+        wait_until(lambda: (run_dirs["reference"] / "metrics.jsonl").exists(), 600, "the first row",
+                   [processes["reference"]])
+        for name in ["killed", "terminated", "full_disk"]:
+            processes[name] = start(name)
+        checkpoint = lambda name: run_dirs[name] / "checkpoint.npz"  # noqa: E731
+        tmp = lambda name: run_dirs[name] / "checkpoint.npz.tmp"  # noqa: E731
+        faults = {  # what to do to whom, once its condition holds
+            "killed": (lambda: checkpoint("killed").exists() and tmp("killed").exists(),
+                       lambda p: p.kill()),
+            "terminated": (lambda: checkpoint("terminated").exists(), lambda p: p.send_signal(signal.SIGTERM)),
+            "full_disk": (lambda: checkpoint("full_disk").exists(),
+                          lambda p: resource.prlimit(p.pid, resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))),
+        }
+        while faults:
+            for name, (condition, inject) in list(faults.items()):
+                if condition():
+                    inject(processes[name])
+                    del faults[name]
+                else:
+                    assert processes[name].poll() is None, (name, processes[name].stderr.read()[-3000:])
+            time.sleep(0.001)
+        outputs = {name: p.communicate(timeout=600) for name, p in processes.items()}
+    finally:
+        for p in processes.values():
+            p.kill()
+    codes = {name: p.returncode for name, p in processes.items()}
+    assert codes["reference"] == 0, outputs["reference"][1][-3000:]
+
+    # kill -9 in the write: the temporary file is there, unfinished; the checkpoint is the previous one.
+    assert codes["killed"] == -signal.SIGKILL
+    assert tmp("killed").exists() and checkpoint_step(run_dirs["killed"]) == 200
+
+    def untimed(run_dir):
+        return [{k: v for k, v in row.items() if k != "charts/SPS"} for row in read_rows(run_dir)]
+
+    reference_rows, killed_rows = untimed(run_dirs["reference"]), untimed(run_dirs["killed"])
+    assert [r["global_step"] for r in killed_rows] == [100, 200, 300, 400]  # the kill came after the rows of 400
+    assert killed_rows == reference_rows[:4]  # the same command twice: the same rows
+    resumed = subprocess.run([sys.executable, "spowl.py", "--resume", str(run_dirs["killed"])], cwd=REPO_DIR, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The JAX env's state is in the checkpoint, so the resumed run is the uninterrupted one, row for row.
+    assert untimed(run_dirs["killed"]) == reference_rows
+    assert checkpoint_step(run_dirs["killed"]) == 500 and not tmp("killed").exists()
+
+    # SIGTERM: a checkpoint at the chunk boundary after the signal, and how to continue.
+    stderr = outputs["terminated"][1]
+    assert codes["terminated"] == 128 + signal.SIGTERM, stderr[-3000:]
+    [line] = [line for line in stderr.splitlines() if "--resume" in line]
+    stopped_at = int(line.split("stopped at step ")[1].split()[0])
+    assert stopped_at in (300, 400) and checkpoint_step(run_dirs["terminated"]) == stopped_at, line
+    assert f"python spowl.py --resume {run_dirs['terminated']}" in line
+
+    # Full disk: one line, the previous checkpoint whole, no temporary file.
+    stderr = outputs["full_disk"][1]
+    assert codes["full_disk"] == 1 and "Traceback" not in stderr, stderr[-3000:]
+    [line] = error_lines(stderr)
+    assert "checkpoint of step 400" in line and "File too large" in line and "step 200 is kept" in line, line
+    assert checkpoint_step(run_dirs["full_disk"]) == 200 and not tmp("full_disk").exists()
+
+    # Divergence: the first non-finite quantity and step, after the checkpoint of step 200, which is kept.
+    stderr = outputs["diverging"][1]
+    assert codes["diverging"] == 1 and "Traceback" not in stderr, stderr[-3000:]
+    [line] = error_lines(stderr)
+    assert re.search(r" became -?(nan|inf) at step 202 \(seed 1\)", line) and "step 200 is kept" in line, line
+    assert checkpoint_step(run_dirs["diverging"]) == 200
+    assert max(r["global_step"] for r in read_rows(run_dirs["diverging"])) == 200  # no row of the broken chunk
+
+
+SG_FAULT_FLAGS = ["--env-id", SG_ENV, "--num-envs", "1", "--eval-episodes", "1", "--learning-starts", "100",
+                  "--log-every", "100", "--eval-every", "100000", "--checkpoint-every", "100", "--buffer-size", "2000",
+                  "--total-timesteps", "100000", *FAST_FLAGS, "--utd-ratio", "1"]
+
+
+def workers(trainer):
+    """The trainer's env worker processes (spawned: `spawn_main` in their command line), oldest first."""
+    children = []
+    for pid in session_processes(trainer.pid):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                children.append(pid)
+    return sorted(children)
+
+
+def test_safety_gymnasium_kill_9_of_the_trainer_or_a_worker_and_sigint_to_the_process_group(tmp_path):
+    """Three Safety-Gymnasium runs of 1 training and 1 eval env worker, each in a session (process group) of its own,
+    hit after their first checkpoint:
+
+    - kill -9 of the trainer: its workers and the resource tracker exit by themselves within 10 s;
+    - kill -9 of the training env's worker: one line naming it and the cause, every other process exits, the
+      checkpoint stays whole;
+    - SIGINT to the whole process group (Ctrl-C in a terminal): the workers ignore it, the run stops at the chunk
+      boundary with a checkpoint there and one line saying how to resume, and nothing is left.
+    """
+    names = ["orphaned", "failing", "interrupted"]
+    processes = {name: subprocess.Popen([sys.executable, "spowl.py", *SG_FAULT_FLAGS, "--log-dir",
+                                         str(tmp_path / name)], cwd=REPO_DIR, env=fault_env(tmp_path),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True) for name in names}
+    try:
+        for name, p in processes.items():
+            wait_until(lambda: (tmp_path / name / "checkpoint.npz").exists(), 600, f"a checkpoint of {name}", [p])
+            assert len(workers(p)) == 2
+        trainer = processes["orphaned"]
+        trainer.kill()
+        killed_at = time.time()
+        trainer.wait()
+        gone_at = wait_until(lambda: not session_processes(trainer.pid), 30, "the orphaned workers to exit")
+        assert gone_at - killed_at < 10
+        assert checkpoint_step(tmp_path / "orphaned") > 0
+
+        trainer = processes["failing"]
+        os.kill(workers(trainer)[0], signal.SIGKILL)  # the first one spawned: training env 0
+        _, stderr = trainer.communicate(timeout=120)
+        assert trainer.returncode == 1, stderr[-3000:]
+        [line] = error_lines(stderr)
+        assert "training env 0 (env seed 10000) worker was killed by SIGKILL" in line, line
+        assert "Traceback" not in stderr, stderr[-3000:]
+        wait_until(lambda: not session_processes(trainer.pid), 10, "the other worker to exit")
+        assert checkpoint_step(tmp_path / "failing") > 0
+
+        trainer = processes["interrupted"]
+        os.killpg(trainer.pid, signal.SIGINT)
+        _, stderr = trainer.communicate(timeout=120)
+        assert trainer.returncode == 128 + signal.SIGINT, stderr[-3000:]
+        [line] = [line for line in stderr.splitlines() if "--resume" in line]
+        stopped_at = int(line.split("stopped at step ")[1].split()[0])
+        assert checkpoint_step(tmp_path / "interrupted") == stopped_at, line
+        assert f"python spowl.py --resume {tmp_path / 'interrupted'}" in line
+        assert not session_processes(trainer.pid)
+    finally:
+        for p in processes.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_checkpoint_round_trip_and_format_checks(tmp_path):
+    runner = {"params": np.arange(6.0).reshape(2, 3), "step": np.array([7], np.int32)}
+    spowl.save_checkpoint(str(tmp_path), runner, {"next_log": 10, "global_step": 7})
+    assert os.listdir(tmp_path) == ["checkpoint.npz"]  # the temporary file was renamed
+    restored, counters = spowl.load_checkpoint(str(tmp_path), runner)
+    assert counters == {"next_log": 10, "global_step": 7}
+    np.testing.assert_array_equal(restored["params"], runner["params"])
+    with pytest.raises(ValueError, match="do not match"):  # another model size
+        spowl.load_checkpoint(str(tmp_path), {**runner, "params": np.zeros((2, 4))})
+    with pytest.raises(ValueError, match="do not match"):  # more state
+        spowl.load_checkpoint(str(tmp_path), {**runner, "more": np.zeros(1)})
+    with open(tmp_path / "checkpoint.npz", "wb") as f:  # as the code before format versions wrote it
+        np.savez(f, *runner.values(), counters=json.dumps(counters))
+    with pytest.raises(ValueError, match="format version none"):
+        spowl.checkpoint_counters(str(tmp_path))
+    (tmp_path / "checkpoint.npz").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        spowl.checkpoint_counters(str(tmp_path))
+
+
+class Exploding(envs.gymnasium.Env):
+    """A stand-in for a MuJoCo env that raises on its second step (if `explode`)."""
+
+    observation_space = envs.gymnasium.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    action_space = envs.gymnasium.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def __init__(self, explode):
+        self.explode, self.steps = explode, 0
+
+    def reset(self, *, seed=None, options=None):
+        return np.zeros(3, np.float32), {}
+
+    def step(self, action):
+        self.steps += 1
+        if self.explode and self.steps == 2:
+            raise ValueError("MuJoCo Warning: Nan, Inf or huge value in QACC")
+        return np.zeros(3, np.float32), 0.0, False, False, {}
+
+
+def test_a_worker_that_raises_is_named_and_the_others_are_stopped():
+    import functools
+
+    workers = envs.Workers([functools.partial(Exploding, explode=i == 1) for i in range(3)], "eval", [7, 8, 9])
+    try:
+        workers.reset()
+        workers.step(np.zeros((3, 2), np.float32))
+        with pytest.raises(envs.WorkerFailed, match=r"^eval env 1 \(env seed 8\) worker raised ValueError: MuJoCo"):
+            workers.step(np.zeros((3, 2), np.float32))
+        assert workers.failure.startswith("eval env 1")
+    finally:
+        workers.close(terminate=True)
+    assert not any(process.is_alive() for process in workers.processes)
+
+
 def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "metrics.jsonl").write_text("keep me\n")
+    old_format = tmp_path / "old_format"  # a run directory whose checkpoint has no format version
+    old_format.mkdir()
+    (old_format / "config.json").write_text(json.dumps(dataclasses.asdict(spowl.Args(env_id=jax_env.ENV_ID))))
+    np.savez(old_format / "checkpoint.npz", np.zeros(3), counters="{}")
     cases = [
         (["--env-id", "Foo-v0"], "--env-id"),
         (["--env-id", "SafetyPointGoal1Vision-v0"], "--env-id"),
@@ -607,6 +884,7 @@ def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
         (["--horizon", "0"], "--horizon"),
         (["--num-seeds", "3", "--max-env-workers", "50"], "--max-env-workers"),
         (["--resume", str(tmp_path / "missing")], "--resume"),
+        (["--resume", str(old_format), "--log-dir", str(old_format)], "format version"),
         (["--log-dir", str(existing)], "--log-dir"),
         (["--env-id", "JaxPointGoal1-v0", "--capture-video"], "--capture-video"),
         (["--ci-thresholds", "--switch-rule", "mean"], "--ci-thresholds"),
