@@ -111,16 +111,17 @@ def time_env(args, action_dim, env_steps):
 def time_loop(args, loop_steps):
     """The scanned training loop of spowl.py: compile once, fill the random phase, then time `loop_steps` vector
     steps of learning (one chunk)."""
-    env, eval_env, vector_envs = envs.make_envs(args)
+    mesh = spowl.seed_mesh(args.num_seeds)
+    env, eval_env, vector_envs = envs.make_envs(args, mesh if mesh.size > 1 else None)
     try:
         steps_per_vector_step = args.num_envs * env.action_repeat
         interval = loop_steps * steps_per_vector_step  # one chunk covers the timed steps
         args = spowl.dataclasses.replace(args, log_every=interval, eval_every=interval, checkpoint_every=interval)
-        fns = spowl.make_train(args, env, eval_env)
-        keys = jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
+        (init, _, run, _), by_seed = spowl.jit_over_seeds(spowl.make_train(args, env, eval_env), mesh)
+        keys = jax.device_put(jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)]), by_seed)
         start = time.perf_counter()
-        runner = jax.jit(fns.init)(keys)
-        run = jax.jit(fns.run, donate_argnums=0).lower(runner, 0).compile()
+        runner = init(keys)
+        run = run.lower(runner, 0).compile()
         compile_seconds = time.perf_counter() - start
         runner, _ = run(runner, max(args.learning_starts, (args.horizon + 1) * steps_per_vector_step))
         jax.block_until_ready(runner)

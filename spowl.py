@@ -864,16 +864,19 @@ def train(args, resuming):
                 v.close(terminate=v.failure is not None)
 
 
-def train_loop(args, resuming, mesh, env, eval_env, signals):
-    """`train`'s loop over chunks, on envs that are up: compile, restore, run, log, evaluate, checkpoint, stop."""
-    fns = make_train(args, env, eval_env)
-    # The seed axis -- the leading axis of the runner and of the keys, the second of the per-step metrics -- is split
-    # over the mesh's devices; `jit` partitions the rest.
+def jit_over_seeds(fns, mesh):
+    """`fns` jitted with the seed axis -- the leading axis of the runner and of the keys, the second of the per-step
+    metrics -- split over the mesh's devices (`jit` partitions the rest); and that sharding of the seed axis."""
     by_seed, by_step_and_seed = (NamedSharding(mesh, PartitionSpec("seed")),
                                  NamedSharding(mesh, PartitionSpec(None, "seed")))
-    init = jax.jit(fns.init, out_shardings=by_seed)
-    run = jax.jit(fns.run, donate_argnums=0, out_shardings=(by_seed, by_step_and_seed))
-    evaluate = jax.jit(fns.evaluate, out_shardings=by_seed)
+    return Train(jax.jit(fns.init, out_shardings=by_seed), fns.step,
+                 jax.jit(fns.run, donate_argnums=0, out_shardings=(by_seed, by_step_and_seed)),
+                 jax.jit(fns.evaluate, out_shardings=by_seed)), by_seed
+
+
+def train_loop(args, resuming, mesh, env, eval_env, signals):
+    """`train`'s loop over chunks, on envs that are up: compile, restore, run, log, evaluate, checkpoint, stop."""
+    (init, _, run, evaluate), by_seed = jit_over_seeds(make_train(args, env, eval_env), mesh)
     video_act = jax.jit(functools.partial(act, cfg=args, eval_mode=True)) if args.capture_video else None
     seed_keys = lambda key: jax.device_put(jnp.stack(key), by_seed)  # noqa: E731
     runner = init(seed_keys([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)]))
