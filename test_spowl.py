@@ -914,6 +914,7 @@ def test_tdmpc2_alone_is_the_plan_only_baseline_and_resumes_as_such(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(baseline)))  # as `train` writes it
+    np.savez(run / "checkpoint.npz", format_version=spowl.CHECKPOINT_FORMAT, counters="{}")  # a resumable run
     resumed, resuming = spowl.prepare_run(spowl.Args(resume=str(run), planner="tdmpc2"), {"resume", "planner"})
     assert resuming and resumed.act == "plan"
 
