@@ -123,8 +123,9 @@ def time_loop(args, loop_steps):
         runner = init(keys)
         run = run.lower(runner, 0).compile()
         compile_seconds = time.perf_counter() - start
-        runner, _ = run(runner, max(args.learning_starts, (args.horizon + 1) * steps_per_vector_step))
-        jax.block_until_ready(runner)
+        learning_starts = max(args.learning_starts, (args.horizon + 1) * steps_per_vector_step)
+        while int(runner.global_step[0]) < learning_starts:  # the random phase, a chunk at a time
+            runner, _ = run(runner, learning_starts)
         first = int(runner.global_step[0])
         start = time.perf_counter()
         runner, _ = run(runner, first + interval)

@@ -215,13 +215,7 @@ def vector_step(envs: gymnasium.vector.VectorEnv, actions: np.ndarray) -> tuple:
     Returns obs (E, obs_dim) float32, reward (E,) float32, cost (E,) float32, terminated (E,) bool, truncated (E,)
     bool, raw_steps (E,) int32; after an episode end, an env's next step returns its reset observation (see SpowlEnv).
     """
-    envs.step_async(np.asarray(actions))
-    return vector_step_wait(envs)
-
-
-def vector_step_wait(envs: gymnasium.vector.VectorEnv) -> tuple:
-    """The outputs of `vector_step` for the step that `envs.step_async` started."""
-    obs, reward, _, _, info = envs.step_wait()
+    obs, reward, _, _, info = envs.step(np.asarray(actions))
     return (obs.astype(np.float32), reward.astype(np.float32), info["cost"].astype(np.float32),
             info["terminated"].astype(bool), info["truncated"].astype(bool), info["raw_steps"].astype(np.int32))
 
@@ -229,9 +223,7 @@ def vector_step_wait(envs: gymnasium.vector.VectorEnv) -> tuple:
 # ---------------------------------------------------------------------------------------------------------------------
 # Environments: one pure interface for both kinds, batched over seeds (N) and the envs of each seed (E)
 #   reset(keys (N, 2)) -> (env_state, obs (N, E, O))
-#   step(env_state, action (N, E, A), keys (N, 2), work=None, inputs=())
-#       -> (env_state, obs, reward, cost, terminated, truncated, raw_steps), work(*inputs)
-# where `work` is computation the caller wants done while the env steps (worker processes run on their own).
+#   step(env_state, action (N, E, A), keys (N, 2)) -> (env_state, obs, reward, cost, terminated, truncated, raw_steps)
 # with *next-step* auto-reset (as the authors' `Autoreset`): after an episode's final observation (returned with its
 # flag) the next action is ignored and the env returns the reset observation with reward 0, cost 0, no flags and 0 raw
 # steps.
@@ -255,7 +247,7 @@ def pure_env(module, num_seeds, num_envs):
         states, obs = jax.vmap(module.reset)(jax.random.split(key, num_envs))
         return (states, jnp.zeros(num_envs, bool)), obs
 
-    def step_seed(env_state, action, key):  # (E, ...)
+    def step_seed(env_state, action, key):
         states, ended = env_state
         stepped, obs, reward, cost, terminated, truncated = jax.vmap(module.step)(states, action)
         (fresh, _), fresh_obs = reset_seed(key)
@@ -266,27 +258,16 @@ def pure_env(module, num_seeds, num_envs):
         raw_steps = jnp.where(ended, 0, 1)
         return (states, terminated | truncated), obs, reward, cost, terminated, truncated, raw_steps
 
-    def step(env_state, action, keys, work=None, inputs=()):
-        return jax.vmap(step_seed)(env_state, action, keys), None if work is None else work(*inputs)
-
     return Env(num_seeds, num_envs, module.OBS_DIM, module.ACT_DIM, 1, module.EPISODE_LENGTH, jax.vmap(reset_seed),
-               step)
+               jax.vmap(step_seed))
 
 
-def host_env(vector_env, num_seeds, obs_dim, action_dim, action_repeat, episode_steps, mesh=None,
-             work_after_send=None):
-    """N x E worker processes (seed-major), stepped from inside `jit` by ordered host callbacks.
+def host_env(vector_env, num_seeds, obs_dim, action_dim, action_repeat, episode_steps, mesh=None):
+    """N x E worker processes (seed-major), stepped from inside `jit` by one ordered host callback per vector step.
 
-    A step sends every seed's actions to the workers, computes the caller's `work` while they step, then collects
-    the results: two callbacks, the second after the work by a data dependency (`optimization_barrier` bundles the
-    callbacks' ticket with the work's outputs).  On an accelerator, which runs one kernel at a time, the work also
-    waits for the send, so it fills the time the workers take.  On a CPU it is left free to start earlier, beside
-    whatever else the step computes (XLA runs independent operations on parallel threads there).  Either way the
-    values, and so the run, are the same (`work_after_send`: None decides by the backend, a bool forces it).
-
-    JAX cannot `vmap` an ordered callback, so each takes all seeds at once.  Under a device `mesh` (seeds sharded over
-    devices) the callbacks run once, on the first device: their inputs are gathered there and their outputs scattered
-    back, which the replicated sharding constraints make explicit.
+    JAX cannot `vmap` an ordered callback, so this one takes every seed's actions at once.  Under a device `mesh`
+    (seeds sharded over devices) the callback runs once, on the first device: its input is gathered there and its
+    output scattered back, which the replicated sharding constraints make explicit.
     """
     num_envs = vector_env.num_envs // num_seeds
     shape = (num_seeds, num_envs)
@@ -298,27 +279,16 @@ def host_env(vector_env, num_seeds, obs_dim, action_dim, action_repeat, episode_
     callback = functools.partial(io_callback, ordered=True,
                                  sharding=None if mesh is None else SingleDeviceSharding(mesh.devices.flat[0]))
 
-    def send(action):  # (N, E, A): all seeds' workers start one vector step
-        vector_env.step_async(np.asarray(action).reshape(num_seeds * num_envs, action_dim))
-        return np.zeros((), np.int32)  # a ticket for `receive`
-
-    def receive(ticket):  # -> the outputs above
-        return tuple(x.reshape(*shape, *x.shape[1:]) for x in vector_step_wait(vector_env))
+    def host_step(action):  # (N, E, A) -> the outputs above, all seeds' workers in one vector step
+        stepped = vector_step(vector_env, np.asarray(action).reshape(num_seeds * num_envs, action_dim))
+        return tuple(x.reshape(*shape, *x.shape[1:]) for x in stepped)
 
     def reset(keys):
         obs = callback(lambda: vector_reset(vector_env).reshape(*shape, obs_dim), out[0])
         return (), replicated(obs)
 
-    def step(env_state, action, keys, work=None, inputs=()):
-        ticket = callback(send, jax.ShapeDtypeStruct((), jnp.int32), replicated(action))
-        result = None
-        if work is not None:  # before `receive`; on an accelerator also after `send`
-            after_send = jax.default_backend() != "cpu" if work_after_send is None else work_after_send
-            if after_send:  # one stream of kernels: let the workers step while it computes
-                ticket, inputs = jax.lax.optimization_barrier((ticket, inputs))
-            result = work(*inputs)
-            ticket, result = jax.lax.optimization_barrier((ticket, result))
-        return ((), *replicated(callback(receive, out, ticket))), result
+    def step(env_state, action, keys):
+        return ((), *replicated(callback(host_step, out, replicated(action))))
 
     return Env(num_seeds, num_envs, obs_dim, action_dim, action_repeat, episode_steps, reset, step)
 

@@ -369,45 +369,35 @@ def make_train(args, env, eval_env):
 
         return jax.lax.cond(learning, planned, random)
 
-    def improve(agent, buffer, key, learning):  # one seed: this vector step's gradient updates, once learning
-        idle = lambda *inputs: (inputs[0], zeros_like_output(gradient_updates, *inputs)[1])  # noqa: E731
-        return jax.lax.cond(learning, gradient_updates, idle, agent, buffer, key)
-
-    def record(runner, agent, action, plan_mean, transition):  # one seed: store the transition, count the episode
+    def learn(runner, action, plan_mean, act_info, transition, key, learning):  # one seed: store, update, count
         obs, reward, cost, terminated, truncated, raw_steps = transition
         resetting = runner.ended  # this step only reset those envs: store the reset obs as an episode start
         action = jnp.where(resetting[:, None], 0.0, action)
         buffer = replay.add(runner.buffer, obs, action, reward, cost, terminated, truncated)
+        agent, info = jax.lax.cond(learning, gradient_updates,
+                                   lambda *inputs: (inputs[0], zeros_like_output(gradient_updates, *inputs)[1]),
+                                   runner.agent, buffer, key)
         ended = terminated | truncated
         episode_return = jnp.where(resetting, 0.0, runner.episode_return) + reward
         episode_cost = jnp.where(resetting, 0.0, runner.episode_cost) + cost
         global_step = runner.global_step + raw_steps.sum()
-        stats = {"ended": ended, "episode_return": episode_return, "episode_cost": episode_cost,
-                 "global_step": global_step}
+        metrics = {"learning": learning, "ended": ended, "episode_return": episode_return, "episode_cost": episode_cost,
+                   "multiplier": agent.multiplier, "penalty": agent.penalty, "global_step": global_step,
+                   "param_norm": optax.global_norm(eqx.filter((agent.model, agent.policy), eqx.is_inexact_array)),
+                   **info, **jax.tree.map(jnp.mean, act_info)}  # planner and switch diagnostics, averaged over envs
         return runner._replace(agent=agent, buffer=buffer, obs=obs, ended=ended,
                                plan_mean=jnp.where(resetting[:, None, None], 0.0, plan_mean),
                                episode_return=episode_return, episode_cost=episode_cost, global_step=global_step,
-                               total_cost=runner.total_cost + cost.sum()), stats
+                               total_cost=runner.total_cost + cost.sum()), metrics
 
     def step(runner, learning=None):
-        """One vector step of every seed; `learning` (shared by the seeds) defaults to seed 0's gate.
-
-        Acting and updating are independent: both read the agent as it was before this step, and the updates sample
-        the buffer as it was too, so this step's transition reaches them one step later (the authors' code adds
-        data in blocks of 100 steps).  XLA is then free to run planning and updates side by side, and the updates
-        while the env workers step.
-        """
+        """One vector step of every seed; `learning` (shared by the seeds) defaults to seed 0's gate."""
         learning = is_learning(runner) if learning is None else learning
         key, key_act, key_env, key_update = split(runner.key, 4)
         action, plan_mean, act_info = jax.vmap(choose_action, in_axes=(0, 0, None))(runner, key_act, learning)
-        (env_state, *transition), (agent, info) = env.step(
-            runner.env_state, action, key_env, jax.vmap(improve, in_axes=(0, 0, 0, None)),
-            (runner.agent, runner.buffer, key_update, learning))  # the updates compute while the env steps
-        runner, stats = jax.vmap(record)(runner, agent, action, plan_mean, transition)
-        param_norm = jax.vmap(lambda a: optax.global_norm(eqx.filter((a.model, a.policy), eqx.is_inexact_array)))
-        metrics = {"learning": jnp.broadcast_to(learning, runner.global_step.shape), **stats,
-                   "multiplier": agent.multiplier, "penalty": agent.penalty, "param_norm": param_norm(agent), **info,
-                   **jax.tree.map(lambda x: x.mean(-1), act_info)}  # planner and switch diagnostics, env means
+        env_state, *transition = env.step(runner.env_state, action, key_env)
+        runner, metrics = jax.vmap(learn, in_axes=(0, 0, 0, 0, 0, 0, None))(runner, action, plan_mean, act_info,
+                                                                            transition, key_update, learning)
         return runner._replace(env_state=env_state, key=key), metrics
 
     def run(runner, stop_at):
@@ -435,7 +425,7 @@ def make_train(args, env, eval_env):
                 env_state, obs, plan_mean, done, total_return, total_cost = carry
                 key_act, key_env = split(keys, 2)
                 action, plan_mean, _ = eval_act(agent, obs, plan_mean, key_act)
-                (env_state, obs, reward, cost, terminated, truncated, _), _ = eval_env.step(env_state, action, key_env)
+                env_state, obs, reward, cost, terminated, truncated, _ = eval_env.step(env_state, action, key_env)
                 total_return, total_cost = total_return + (~done) * reward, total_cost + (~done) * cost
                 return (env_state, obs, plan_mean, done | terminated | truncated, total_return, total_cost), None
 
