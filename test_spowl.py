@@ -489,10 +489,10 @@ def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_
     flags = ["--env-id", SG_ENV, "--num-seeds", "2", "--num-envs", "2", "--learning-starts", "1000", "--log-every",
              "1000", "--eval-every", "2000", "--eval-episodes", "2", "--checkpoint-every", "2000", "--buffer-size",
              "20000", *TINY_FLAGS]
-    fast_compile = "--xla_backend_optimization_level=1"  # about half the compile time
-    one_device = {**os.environ, "XLA_FLAGS": fast_compile}
-    two_devices = {**os.environ, "XLA_FLAGS": f"{fast_compile} --xla_force_host_platform_device_count=2"}
-    processes = [spowl_start(*flags, "--total-timesteps", "2000", "--log-dir", run, env=one_device),
+    # At the default optimisation level: at level 1 XLA compiles the 1- and 2-device programs into numerically
+    # different code (seen: other losses from the first updates on, other eval episodes).
+    two_devices = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    processes = [spowl_start(*flags, "--total-timesteps", "2000", "--log-dir", run),
                  spowl_start(*flags, "--total-timesteps", "2000", "--log-dir", sharded, env=two_devices)]
     (stdout, stderr), (sharded_stdout, sharded_stderr) = [p.communicate(timeout=900) for p in processes]
     assert processes[0].returncode == 0, stderr[-3000:]
@@ -521,7 +521,7 @@ def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_
     with np.load(os.path.join(run, "checkpoint.npz")) as data:
         assert json.loads(str(data["counters"]))["next_checkpoint"] == 4000
 
-    result = spowl_cli("--resume", run, "--total-timesteps", "3000", env=one_device)
+    result = spowl_cli("--resume", run, "--total-timesteps", "3000")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_rows(run)
     assert [r["global_step"] for r in rows] == [1000, 1000, 2000, 2000, 3000, 3000]  # continued from 2000, not 0
@@ -890,8 +890,7 @@ def test_scanned_loop_matches_step_by_step_loop():
     fns = spowl.make_train(args, env, eval_env)
     runner = jax.jit(fns.init)(jax.random.PRNGKey(0)[None])  # one seed
 
-    fast_compile = {"xla_backend_optimization_level": 1}  # about half the compile time, the same code for both
-    scanned, metrics = jax.jit(fns.run, compiler_options=fast_compile)(runner, stop_at)
+    scanned, metrics = jax.jit(fns.run)(runner, stop_at)
     active = np.asarray(metrics["active"])[:, 0]
     assert int(scanned.global_step[0]) == stop_at and not active[-1]  # the chunk reached stop_at, then idled
     learning = np.asarray(metrics["learning"])[active]
@@ -899,7 +898,7 @@ def test_scanned_loop_matches_step_by_step_loop():
     assert np.asarray(metrics["ended"])[active].any()  # an episode end (and the reset after it) inside the window
     assert {"elites", "no_improvement", "d_reward", "d_cost", "q_low", "qc_high"} <= metrics.keys()
 
-    step = jax.jit(fns.step, compiler_options=fast_compile)
+    step = jax.jit(fns.step)
     stepped, num_steps = runner, 0
     while int(stepped.global_step[0]) < stop_at:
         stepped, _ = step(stepped)
