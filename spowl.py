@@ -534,7 +534,7 @@ def prepare_run(args, cli_flags):
     for name in cli_flags - RESUMABLE_FLAGS:
         if getattr(args, name) != getattr(saved, name):
             raise ValueError(f"{flag(name)} differs from the saved config of {args.resume}; leave it out to resume")
-    overrides = {name: getattr(args, name) for name in cli_flags & {"total_timesteps", "progress_bar", "track"}}
+    overrides = {name: getattr(args, name) for name in cli_flags & (RESUMABLE_FLAGS - {"resume", "log_dir"})}
     args = dataclasses.replace(saved, resume=args.resume, log_dir=args.resume, **overrides)
     check_args(args)
     checkpoint_counters(args.resume)  # readable, and in this code's format
