@@ -168,9 +168,9 @@ class Workers(gymnasium.vector.AsyncVectorEnv):
         except Exception as error:
             raise self.failed(error) from None
 
-    def step_wait(self, **kwargs):
+    def step_wait(self, *args, **kwargs):  # Gymnasium's close() passes its timeout positionally
         try:
-            return super().step_wait(**kwargs)
+            return super().step_wait(*args, **kwargs)
         except Exception as error:
             raise self.failed(error) from None
 
@@ -183,8 +183,10 @@ class Workers(gymnasium.vector.AsyncVectorEnv):
             index, cause = raised[0], f"raised {type(error).__name__}: {error}"
         elif ended:
             index = sentinels.index(ended[0])
+            self.processes[index].join(timeout=1.0)  # its pipe closes just before its exit code can be read
             code = self.processes[index].exitcode
-            cause = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            cause = (f"exited with code {code}" if code is None or code >= 0 else
+                     f"was killed by {signal.Signals(-code).name}")
         else:
             index, cause = None, f"failed: {type(error).__name__}: {error}"
         which = "an unknown" if index is None else f"{self.kind} env {index} (env seed {self.seeds[index]})"

@@ -31,6 +31,11 @@ from planner import act, select_elites
 from policy import augmented_lagrangian, init_policy, update_multipliers
 from world_model import WorldModel, decode, init_world_model, simnorm, symexp, symlog, two_hot, world_model_loss
 
+# XLA's CPU backend at optimisation level 1 compiles in about half the time of the default level and runs these small
+# programs about as fast.  Set before JAX starts its backend (importing the modules above does not), so it holds for
+# this process and for the runs it starts; a test that compares against a run at the default level says so.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=1")
+
 # A small model that compiles and runs quickly on a CPU.
 TINY = spowl.Args(latent_dim=32, mlp_dim=64, enc_dim=32, num_samples=32, num_pi_trajs=4, num_elites=8, iterations=2,
                   batch_size=32, ci_resamples=200)
@@ -491,8 +496,9 @@ def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_
              "20000", *TINY_FLAGS]
     # At the default optimisation level: at level 1 XLA compiles the 1- and 2-device programs into numerically
     # different code (seen: other losses from the first updates on, other eval episodes).
-    two_devices = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    processes = [spowl_start(*flags, "--total-timesteps", "2000", "--log-dir", run),
+    one_device, two_devices = [{**os.environ, "XLA_FLAGS": flags} for flags in
+                               ["", "--xla_force_host_platform_device_count=2"]]
+    processes = [spowl_start(*flags, "--total-timesteps", "2000", "--log-dir", run, env=one_device),
                  spowl_start(*flags, "--total-timesteps", "2000", "--log-dir", sharded, env=two_devices)]
     (stdout, stderr), (sharded_stdout, sharded_stderr) = [p.communicate(timeout=900) for p in processes]
     assert processes[0].returncode == 0, stderr[-3000:]
@@ -746,7 +752,7 @@ def test_safety_gymnasium_kill_9_of_the_trainer_or_a_worker_and_sigint_to_the_pr
         trainer = processes["failing"]
         os.kill(workers(trainer)[0], signal.SIGKILL)  # the first one spawned: training env 0
         _, stderr = trainer.communicate(timeout=120)
-        assert trainer.returncode == 1, stderr[-3000:]
+        assert trainer.returncode == 1 and len(error_lines(stderr)) == 1, stderr[-3000:]
         [line] = error_lines(stderr)
         assert "training env 0 (env seed 10000) worker was killed by SIGKILL" in line, line
         assert "Traceback" not in stderr, stderr[-3000:]
@@ -878,9 +884,11 @@ def test_tdmpc2_alone_is_the_plan_only_baseline_and_resumes_as_such(tmp_path):
 # The scanned loop
 
 
-def test_scanned_loop_matches_step_by_step_loop():
-    """`run` (a lax.scan over chunk_length steps, gated by global_step < stop_at) and a Python loop over the jitted
-    `step` give the same runner, bit for bit, across random steps, planning + gradient updates and an episode reset."""
+def test_scanned_loop_gives_the_same_runner_in_one_chunk_or_one_chunk_per_step():
+    """`run` (a lax.scan over chunk_length steps, gated by global_step < stop_at) in one call, and the same compiled
+    `run` called once per vector step -- a chunk boundary after every step, as logging, evaluation, checkpoints and
+    a resume make -- give the same runner, bit for bit, across random steps, planning + gradient updates and an
+    episode reset."""
     # 440 raw steps = 221 vector steps of 2 envs: the envs truncate at agent step 200 and the next step only resets
     # them (0 raw steps).  A chunk is 480 / 2 + 1 = 241 vector steps, so its last 20 are gated off.
     stop_at = 440
@@ -889,8 +897,9 @@ def test_scanned_loop_matches_step_by_step_loop():
     env, eval_env, _ = envs.make_envs(args)
     fns = spowl.make_train(args, env, eval_env)
     runner = jax.jit(fns.init)(jax.random.PRNGKey(0)[None])  # one seed
+    run = jax.jit(fns.run)
 
-    scanned, metrics = jax.jit(fns.run)(runner, stop_at)
+    scanned, metrics = run(runner, stop_at)
     active = np.asarray(metrics["active"])[:, 0]
     assert int(scanned.global_step[0]) == stop_at and not active[-1]  # the chunk reached stop_at, then idled
     learning = np.asarray(metrics["learning"])[active]
@@ -898,12 +907,11 @@ def test_scanned_loop_matches_step_by_step_loop():
     assert np.asarray(metrics["ended"])[active].any()  # an episode end (and the reset after it) inside the window
     assert {"elites", "no_improvement", "d_reward", "d_cost", "q_low", "qc_high"} <= metrics.keys()
 
-    step = jax.jit(fns.step)
-    stepped, num_steps = runner, 0
+    stepped, num_steps, num_chunks = runner, 0, 0
     while int(stepped.global_step[0]) < stop_at:
-        stepped, _ = step(stepped)
-        num_steps += 1
-    assert num_steps == active.sum()
+        stepped, metrics = run(stepped, int(stepped.global_step[0]) + env.num_envs * env.action_repeat)
+        num_steps, num_chunks = num_steps + int(np.asarray(metrics["active"]).sum()), num_chunks + 1
+    assert num_steps == active.sum() and num_chunks == active.sum() - 1  # the reset step shares its chunk
     for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(stepped)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -911,7 +919,7 @@ def test_scanned_loop_matches_step_by_step_loop():
 # ---------------------------------------------------------------------------------------------------------------------
 # Learning on the pure-JAX test-bed: SPOWL is safer than the unsafe TD-MPC2 baseline, at most of its return
 
-# A small model, 12,000 raw steps (60 episodes, about 2,760 gradient updates), 3 seeds vmapped in one process.
+# A small model, 12,000 raw steps (60 episodes, about 2,760 gradient updates), 2 seeds vmapped in one process.
 # The defaults are tuned for 5M-step runs; four documented changes make values, and so safety, learnable in this one:
 #   - a fixed multiplier lambda = LAMBDA (mu tiny, no growth): the authors' schedule (lambda 1e-6, mu 5e-9) barely
 #     moves in a few thousand updates (README: where the authors' code and the paper differ);
@@ -919,7 +927,7 @@ def test_scanned_loop_matches_step_by_step_loop():
 #     its fixed point, so Delta, and with it the safety gradient, stays tiny;
 #   - learning rate 1e-3 and target rate tau 0.05 (defaults 3e-4, 0.01): with the defaults the Q targets are still
 #     below 0.1 at the end of the run, against true values of 2-4, so the policy's reward term is negligible.
-LEARN_SEEDS = 3
+LEARN_SEEDS = 2
 LEARN_STEPS = "12000"
 LEARN_FLAGS = ["--env-id", jax_env.ENV_ID, "--num-seeds", str(LEARN_SEEDS), "--total-timesteps", LEARN_STEPS,
                "--learning-starts", "1000", "--num-envs", "16", "--utd-ratio", "0.25", "--buffer-size", LEARN_STEPS,
@@ -961,13 +969,14 @@ def final_eval(run_dir):
 def test_learn_spowl_is_safer_than_unsafe_tdmpc2(tmp_path):
     """SPOWL vs the same run with `--planner tdmpc2` (plan only, no cost anywhere), both from scratch in parallel.
 
-    Measured with these flags, mean over seeds 1-3 (eval: 16 episodes per seed), and the bars they set:
-        tdmpc2 (unsafe):   return 23.6, cost 20.9
-        SPOWL:             return 21.4 (0.91 x tdmpc2, bar 0.7 x), cost 3.5 (0.17 x tdmpc2, bar 0.5 x)
+    Measured with these flags, mean over seeds 1-2 (eval: 16 episodes per seed), and the bars they set:
+        tdmpc2 (unsafe):   return 24.0, cost 21.8
+        SPOWL:             return 20.4 (0.85 x tdmpc2, bar 0.7 x), cost 3.5 (0.16 x tdmpc2, bar 0.5 x)
         random policy:     return -0.06, cost 8.9 (bar: SPOWL's return above 4, random's below 2)
-    Short runs are noisy, so the bars were checked on other draws of the same flags: seeds 4-6 gave SPOWL 17.8 / 7.3
-    against 22.6 / 15.1 (return 0.79 x, cost 0.48 x) and 4 seeds vmapped (other numerics, so other runs) 21.4 / 7.5
-    against 23.6 / 17.8 (0.90 x, 0.42 x); over all 10 seed-runs 0.87 x the return at 0.35 x the cost.  A run is
+    Short runs are noisy, so the bars were checked on other draws of the same flags (the number of seeds vmapped
+    changes the numerics, so each is another run): seeds 1-3 gave SPOWL 21.4 / 3.5 against 23.6 / 20.9 (return
+    0.91 x, cost 0.17 x), seeds 4-6 17.8 / 7.3 against 22.6 / 15.1 (0.79 x, 0.48 x) and 4 seeds 21.4 / 7.5 against
+    23.6 / 17.8 (0.90 x, 0.42 x); over those 10 seed-runs 0.87 x the return at 0.35 x the cost.  A run is
     deterministic on a given CPU; another CPU model is another draw.  At 8,000 steps the cost bar failed (lambda 0.2,
     4 seeds: 0.98 x return, 0.58 x cost); lambda 0.3-0.4 there cut the return to 0.55-0.82 x.
     """
