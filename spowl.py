@@ -383,7 +383,7 @@ def make_train(args, env, eval_env):
         global_step = runner.global_step + raw_steps.sum()
         metrics = {"learning": learning, "ended": ended, "episode_return": episode_return, "episode_cost": episode_cost,
                    "multiplier": agent.multiplier, "penalty": agent.penalty, "global_step": global_step,
-                   "param_norm": optax.global_norm(eqx.filter((agent.model, agent.policy), eqx.is_inexact_array)),
+                   "param_norm": optax.tree.norm(eqx.filter((agent.model, agent.policy), eqx.is_inexact_array)),
                    **info, **jax.tree.map(jnp.mean, act_info)}  # planner and switch diagnostics, averaged over envs
         return runner._replace(agent=agent, buffer=buffer, obs=obs, ended=ended,
                                plan_mean=jnp.where(resetting[:, None, None], 0.0, plan_mean),

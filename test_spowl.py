@@ -1,6 +1,6 @@
 """Tests of SPOWL: the math, the components against the paper's equations and algorithms, and the training loop.
 
-    pytest -q test_spowl.py              # everything (CPU, about 10 minutes on 2 cores)
+    pytest -q test_spowl.py              # everything (CPU, about 13 minutes on 2 cores)
     pytest -q test_spowl.py -k learn     # only the learning test on the pure-JAX env
 """
 
@@ -723,16 +723,18 @@ def workers(trainer):
 
 
 def test_safety_gymnasium_kill_9_of_the_trainer_or_a_worker_and_sigint_to_the_process_group(tmp_path):
-    """Three Safety-Gymnasium runs of 1 training and 1 eval env worker, each in a session (process group) of its own,
+    """Four Safety-Gymnasium runs of 1 training and 1 eval env worker, each in a session (process group) of its own,
     hit after their first checkpoint:
 
     - kill -9 of the trainer: its workers and the resource tracker exit by themselves within 10 s;
     - kill -9 of the training env's worker: one line naming it and the cause, every other process exits, the
       checkpoint stays whole;
     - SIGINT to the whole process group (Ctrl-C in a terminal): the workers ignore it, the run stops at the chunk
-      boundary with a checkpoint there and one line saying how to resume, and nothing is left.
+      boundary with a checkpoint there and one line saying how to resume, and nothing is left;
+    - SIGTERM, then SIGINT at once (a second signal): exits at once, without a checkpoint or a resume line, its
+      workers killed, the previous checkpoint whole.
     """
-    names = ["orphaned", "failing", "interrupted"]
+    names = ["orphaned", "failing", "interrupted", "aborted"]
     processes = {name: subprocess.Popen([sys.executable, "spowl.py", *SG_FAULT_FLAGS, "--log-dir",
                                          str(tmp_path / name)], cwd=REPO_DIR, env=fault_env(tmp_path),
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -768,6 +770,16 @@ def test_safety_gymnasium_kill_9_of_the_trainer_or_a_worker_and_sigint_to_the_pr
         assert checkpoint_step(tmp_path / "interrupted") == stopped_at, line
         assert f"python spowl.py --resume {tmp_path / 'interrupted'}" in line
         assert not session_processes(trainer.pid)
+
+        trainer = processes["aborted"]
+        before = checkpoint_step(tmp_path / "aborted")
+        trainer.send_signal(signal.SIGTERM)  # two different signals: a second SIGTERM could merge with the first
+        trainer.send_signal(signal.SIGINT)
+        _, stderr = trainer.communicate(timeout=60)
+        assert trainer.returncode == 128 + signal.SIGINT, stderr[-3000:]
+        assert "SIGTERM: stopping at the end of this chunk" in stderr and "--resume" not in stderr, stderr[-3000:]
+        assert checkpoint_step(tmp_path / "aborted") >= before  # whole: the previous one, or one finished before
+        wait_until(lambda: not session_processes(trainer.pid), 10, "the aborted run's processes to exit")
     finally:
         for p in processes.values():
             if p.poll() is None:
