@@ -603,6 +603,18 @@ def checkpoint_step(run_dir):
     return spowl.checkpoint_counters(run_dir)["global_step"]
 
 
+def tensorboard_events(path):
+    """The events of a TensorBoard event file: TFRecords of a length (8 bytes), its CRC (4), the data, its CRC (4)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    events, data = [], path.read_bytes()
+    while data:
+        length = int.from_bytes(data[:8], "little")
+        events.append(Event.FromString(data[12:12 + length]))
+        data = data[16 + length:]
+    return events
+
+
 def error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
@@ -681,6 +693,11 @@ def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # The JAX env's state is in the checkpoint, so the resumed run is the uninterrupted one, row for row.
     assert untimed(run_dirs["killed"]) == reference_rows
+    # TensorBoard hides the killed launch's events after the checkpoint: the resumed launch's event file opens with
+    # a session start at step 201, which purges every earlier event of step 201 or later.
+    first, second = sorted(run_dirs["killed"].glob("events.out.tfevents.*"), key=os.path.getmtime)
+    assert not any(e.HasField("session_log") for e in tensorboard_events(first))
+    assert [e.step for e in tensorboard_events(second) if e.session_log.status == e.session_log.START] == [201]
     assert checkpoint_step(run_dirs["killed"]) == 500 and not tmp("killed").exists()
 
     # SIGTERM: a checkpoint at the chunk boundary after the signal, and how to continue.
