@@ -790,11 +790,15 @@ def test_safety_gymnasium_kill_9_of_the_trainer_or_a_worker_and_sigint_to_the_pr
 
         trainer = processes["aborted"]
         before = checkpoint_step(tmp_path / "aborted")
-        trainer.send_signal(signal.SIGTERM)  # two different signals: a second SIGTERM could merge with the first
+        # Two different signals, as a second SIGTERM could merge with the first; the kernel may deliver them in either
+        # order (both pending: the lower number first), and the second one decides the exit code.
+        trainer.send_signal(signal.SIGTERM)
         trainer.send_signal(signal.SIGINT)
         _, stderr = trainer.communicate(timeout=60)
-        assert trainer.returncode == 128 + signal.SIGINT, stderr[-3000:]
-        assert "SIGTERM: stopping at the end of this chunk" in stderr and "--resume" not in stderr, stderr[-3000:]
+        assert trainer.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM), stderr[-3000:]
+        first = signal.SIGTERM if trainer.returncode == 128 + signal.SIGINT else signal.SIGINT
+        assert f"{first.name}: stopping at the end of this chunk" in stderr, stderr[-3000:]
+        assert "--resume" not in stderr, stderr[-3000:]
         assert checkpoint_step(tmp_path / "aborted") >= before  # whole: the previous one, or one finished before
         wait_until(lambda: not session_processes(trainer.pid), 10, "the aborted run's processes to exit")
     finally:
