@@ -457,9 +457,9 @@ TINY_FLAGS = ["--latent-dim", "32", "--mlp-dim", "64", "--enc-dim", "32", "--num
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def spowl_cli(*flags, timeout=900, env=None):
+def spowl_cli(*flags, timeout=900):
     return subprocess.run([sys.executable, "spowl.py", *flags], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO_DIR, env=env)
+                          cwd=REPO_DIR)
 
 
 def spowl_start(*flags, env=None):
