@@ -58,6 +58,18 @@ def simnorm(x, group_size):
     return jax.nn.softmax(groups, -1).reshape(x.shape)
 
 
+def mish(x):
+    """Mish, x tanh(softplus(x)), with one exponential: tanh(log(1 + e)) = n / (n + 2) for n = e (e + 2), e = exp(x).
+
+    The same function as `jax.nn.mish` (within 3e-6 for |x| <= 30, gradient included) at a fraction of its cost on a
+    CPU, where three transcendentals per unit (exp, log1p, tanh) took a third of a planning call.  Above x = 20,
+    n / (n + 2) is 1 in float32, so clamping the exponent there only avoids inf / inf.
+    """
+    e = jnp.exp(jnp.minimum(x, 20.0))
+    n = e * (e + 2)
+    return x * n / (n + 2)
+
+
 def layer_norm(x, scale, offset, eps=1e-5):
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
@@ -88,7 +100,7 @@ class MLP(eqx.Module):
                 keep = jax.random.bernoulli(key, 1 - self.dropout, x.shape)
                 x = jnp.where(keep, x / (1 - self.dropout), 0.0)
             x = layer_norm(x, self.norm_scales[i], self.norm_offsets[i])
-            x = jax.nn.mish(x) if i < num_layers - 1 else simnorm(x, self.simnorm_groups)
+            x = mish(x) if i < num_layers - 1 else simnorm(x, self.simnorm_groups)
         return x
 
 
