@@ -109,32 +109,32 @@ def time_env(args, action_dim, env_steps):
 
 
 def time_loop(args, loop_steps):
-    """The scanned training loop of spowl.py: compile once, fill the random phase, then time `loop_steps` vector
-    steps of learning (one chunk)."""
+    """The training loop of spowl.py: compile once, fill the random phase, then time `loop_steps` vector steps of
+    learning (actor and learner side by side, in rounds of `sync-every` steps, as a run plays them)."""
     mesh = spowl.seed_mesh(args.num_seeds)
     env, eval_env, vector_envs = envs.make_envs(args, mesh if mesh.size > 1 else None)
     try:
         steps_per_vector_step = args.num_envs * env.action_repeat
-        interval = loop_steps * steps_per_vector_step  # one chunk covers the timed steps
+        interval = loop_steps * steps_per_vector_step  # no event inside the timed steps
         args = spowl.dataclasses.replace(args, log_every=interval, eval_every=interval, checkpoint_every=interval)
-        (init, _, run, _), by_seed = spowl.jit_over_seeds(spowl.make_train(args, env, eval_env), mesh)
+        train, by_seed = spowl.jit_over_seeds(spowl.make_train(args, env, eval_env), mesh)
         keys = jax.device_put(jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)]), by_seed)
         start = time.perf_counter()
-        runner = init(keys)
-        run = run.lower(runner, 0).compile()
+        runner = train.init(keys)
+        train = spowl.compile_train(train, runner)
         compile_seconds = time.perf_counter() - start
         learning_starts = max(args.learning_starts, (args.horizon + 1) * steps_per_vector_step)
-        while int(runner.global_step[0]) < learning_starts:  # the random phase, a chunk at a time
-            runner, _ = run(runner, learning_starts)
-        first = int(runner.global_step[0])
-        start = time.perf_counter()
-        runner, _ = run(runner, first + interval)
-        jax.block_until_ready(runner)
-        seconds = time.perf_counter() - start
-        raw = int(runner.global_step[0]) - first
-        print(f"training loop: compile {compile_seconds:.1f} s (init and run); {raw / seconds:.1f} raw env steps/s "
-              f"per seed, {args.num_seeds * raw / seconds:.1f} in all ({args.num_seeds} seed(s), {args.num_envs} "
-              f"envs, {1000 * seconds / (raw / steps_per_vector_step):.1f} ms per vector step, utd {args.utd_ratio})")
+        with spowl.ThreadPoolExecutor(1) as learner:
+            runner = spowl.play(train, runner, learning_starts, learner)  # the random phase
+            first = int(runner.actor.global_step[0])
+            start = time.perf_counter()
+            runner = jax.block_until_ready(spowl.play(train, runner, first + interval, learner))
+            seconds = time.perf_counter() - start
+        raw = int(runner.actor.global_step[0]) - first
+        print(f"training loop: compile {compile_seconds:.1f} s (init, rounds and eval); {raw / seconds:.1f} raw env "
+              f"steps/s per seed, {args.num_seeds * raw / seconds:.1f} in all ({args.num_seeds} seed(s), "
+              f"{args.num_envs} envs, {1000 * seconds / (raw / steps_per_vector_step):.1f} ms per vector step, utd "
+              f"{args.utd_ratio}, sync every {args.sync_every})")
     finally:
         for v in vector_envs:
             v.close()

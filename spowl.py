@@ -4,10 +4,11 @@
 
 A TD-MPC2-style implicit world model with cost heads (world_model.py), a safe policy trained with an Augmented
 Lagrangian (policy.py), a safe improvement planner with a plan/policy switch (planner.py) and a replay buffer
-(buffer.py).  `make_train(args)` returns a pure `train` whose per-step work -- act, env step, buffer add, gradient
-updates -- is one `lax.scan` inside one `jit`, run in chunks between log / eval / checkpoint points.  The env
-layer (envs.py) steps Safety-Gymnasium workers from inside the scan by a host callback, and the pure-JAX test-bed
-(jax_env.py) inside the scan itself.
+(buffer.py).  `make_train(args)` returns pure functions of a run: an actor that plans and steps the envs for a round
+of `sync-every` vector steps in one `lax.scan`, and a learner that stores a round's transitions and makes its gradient
+updates in another.  The driver plays each round's actor and the previous round's learner side by side on two
+threads, and settles at every log / eval / checkpoint point.  The env layer (envs.py) steps Safety-Gymnasium workers
+from inside the actor's scan by a host callback, and the pure-JAX test-bed (jax_env.py) inside the scan itself.
 """
 
 import dataclasses
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Literal, NamedTuple, Optional
@@ -78,6 +80,9 @@ class Args:
     """save a video of one eval episode at each evaluation (headless: MUJOCO_GL=egl or osmesa)"""
     progress_bar: bool = True
     """show a progress bar with steps/s and the last eval return and cost"""
+    sync_every: int = 20
+    """vector steps per round of the training loop: the actor acts with the agent as it was at the round's start
+    while the learner makes the previous round's updates, side by side (README, "Speed")"""
     max_env_workers: Optional[int] = None
     """most Safety-Gymnasium worker processes, num-seeds x (num-envs + eval envs), a run may start; default
     max(32, 4 x CPU count)"""
@@ -285,14 +290,17 @@ def update(agent, batch, key, args):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Training loop: act -> env step -> buffer add -> gradient updates, one vector step at a time inside a lax.scan
+# Training loop, in rounds of `sync-every` vector steps.  In each round an actor and a learner run side by side, on two
+# host threads (the XLA CPU runtime runs one program's independent work one after another, so this is how a step keeps
+# two cores busy, and how env steps overlap gradient updates): the actor plans and steps the envs with the agent as it
+# was at the round's start, in a lax.scan; the learner stores the previous round's transitions in the replay buffer
+# and makes the gradient updates owed for that round's steps, in a lax.scan.  The agent therefore acts with parameters
+# one to two rounds old, as the authors' code acts with parameters up to 100 vector steps old (it updates in blocks).
 
 
-class Runner(NamedTuple):
-    """Everything a run carries from one vector step to the next; every field has a leading seed axis (N)."""
+class Actor(NamedTuple):
+    """What the acting side carries from one vector step to the next; every field has a leading seed axis (N)."""
 
-    agent: Agent
-    buffer: replay.Buffer
     env_state: tuple
     obs: jax.Array  # (N, E, O)
     ended: jax.Array  # (N, E) obs is the last of its episode: the next action only triggers the reset
@@ -304,10 +312,28 @@ class Runner(NamedTuple):
     key: jax.Array  # (N, 2)
 
 
+class Runner(NamedTuple):
+    """A whole run between rounds, with no work owed: every transition stored and every update made."""
+
+    agent: Agent
+    buffer: replay.Buffer
+    actor: Actor
+    key: jax.Array  # (N, 2) the learner's
+
+
+class Round(NamedTuple):
+    """One round's acting, as the learner takes it: transitions (obs, action, reward, cost, terminated, truncated),
+    each (K, N, E, ...), and the per-step `active` and `learning` gates (K,)."""
+
+    transitions: tuple
+    active: jax.Array
+    learning: jax.Array
+
+
 class Train(NamedTuple):
     init: callable  # keys (N, 2) -> Runner
-    step: callable  # Runner -> (Runner, metrics): one vector step of every seed
-    run: callable  # (Runner, stop_at) -> (Runner, metrics): scanned steps until global_step reaches stop_at
+    act: callable  # (Actor, Agent, stop_at) -> (Actor, Round, metrics): a round of acting; agent and buffer untouched
+    learn: callable  # (Agent, Buffer, key, Round) -> (Agent, Buffer, key, metrics): store a round, make its updates
     evaluate: callable  # (agents, keys (N, 2)) -> (returns, costs), each (N, eval_episodes), of full eval episodes
 
 
@@ -325,30 +351,79 @@ def make_train(args, env, eval_env):
     """Pure functions of a SPOWL run over N seeds (PureJaxRL-style); `env` / `eval_env` are batched `Env`s.
 
     Each seed is an independent run: its work is `vmap`ped, and only the env step -- one call for all seeds, a single
-    host callback on Safety-Gymnasium -- sits outside.  Seeds step in lockstep, so the gates (random phase, chunk
+    host callback on Safety-Gymnasium -- sits outside.  Seeds step in lockstep, so the gates (random phase, round
     end) come from seed 0 and stay real branches: under a vmapped `lax.cond` with per-seed predicates both branches
     would run.
     """
     num_envs, horizon = args.num_envs, args.horizon
     steps_per_vector_step = num_envs * env.action_repeat
-    # A chunk covers the smallest event interval; steps past `stop_at` are skipped (episode resets add 0 steps,
-    # so a chunk may fall short; the driver then runs another).
-    chunk_length = -(-min(args.log_every, args.eval_every, args.checkpoint_every) // steps_per_vector_step) + 1
-
-    def new_runner(agent, obs, key):  # one seed
-        buffer = replay.init(num_envs, args.buffer_size // num_envs, env.obs_dim, env.action_dim)
-        zeros = jnp.zeros(num_envs)
-        buffer = replay.add(buffer, obs, jnp.zeros((num_envs, env.action_dim)), zeros, zeros, zeros > 0, zeros > 0)
-        return Runner(agent, buffer, (), obs, zeros > 0, jnp.zeros((num_envs, horizon, env.action_dim)), zeros, zeros,
-                      jnp.zeros((), jnp.int32), jnp.zeros(()), key)
+    # A round covers `sync-every` vector steps, or the smallest event interval if that is shorter.  Steps past
+    # `stop_at` are skipped (episode resets add 0 steps, so a round may fall short of an event; the driver then runs
+    # another).
+    interval = -(-min(args.log_every, args.eval_every, args.checkpoint_every) // steps_per_vector_step) + 1
+    round_length = min(args.sync_every, interval)
 
     def init(keys):
-        key_agent, key_env, key = split(keys, 3)
+        key_agent, key_env, key_actor, key = split(keys, 4)
         agent = jax.vmap(lambda k: init_agent(k, args, env.obs_dim, env.action_dim))(key_agent)
         env_state, obs = env.reset(key_env)
-        return jax.vmap(new_runner)(agent, obs, key)._replace(env_state=env_state)
 
-    def gradient_updates(agent, buffer, key):
+        def new_buffer(obs):  # one seed's, holding the first observations
+            buffer = replay.init(num_envs, args.buffer_size // num_envs, env.obs_dim, env.action_dim)
+            zeros = jnp.zeros(num_envs)
+            return replay.add(buffer, obs, jnp.zeros((num_envs, env.action_dim)), zeros, zeros, zeros > 0, zeros > 0)
+
+        zeros = jnp.zeros(obs.shape[:2])
+        actor = Actor(env_state, obs, zeros > 0, jnp.zeros((*obs.shape[:2], horizon, env.action_dim)), zeros, zeros,
+                      jnp.zeros(obs.shape[0], jnp.int32), jnp.zeros(obs.shape[0]), key_actor)
+        return Runner(agent, jax.vmap(new_buffer)(obs), actor, key)
+
+    def choose_action(agent, actor, key, learning):  # one seed: plan (Alg. 2) once learning, uniform random before
+        def planned():
+            return act(agent.model, agent.policy, actor.obs, actor.plan_mean, key, args)
+
+        def random():
+            action = jax.random.uniform(key, (num_envs, env.action_dim), minval=-1, maxval=1)
+            return action, actor.plan_mean, zeros_like_output(planned)[2]
+
+        return jax.lax.cond(learning, planned, random)
+
+    def env_step(actor, agent, learning):
+        """One vector step of every seed: act, step the envs, count.  Returns the actor, the transition to store and
+        the step's metrics."""
+        key, key_act, key_env = split(actor.key, 3)
+        action, plan_mean, act_info = jax.vmap(choose_action, in_axes=(0, 0, 0, None))(agent, actor, key_act, learning)
+        env_state, obs, reward, cost, terminated, truncated, raw_steps = env.step(actor.env_state, action, key_env)
+        resetting = actor.ended  # this step only reset those envs: store the reset obs as an episode start
+        transition = (obs, jnp.where(resetting[..., None], 0.0, action), reward, cost, terminated, truncated)
+        ended = terminated | truncated
+        episode_return = jnp.where(resetting, 0.0, actor.episode_return) + reward
+        episode_cost = jnp.where(resetting, 0.0, actor.episode_cost) + cost
+        global_step = actor.global_step + raw_steps.sum(-1)
+        actor = Actor(env_state, obs, ended, jnp.where(resetting[..., None, None], 0.0, plan_mean), episode_return,
+                      episode_cost, global_step, actor.total_cost + cost.sum(-1), key)
+        metrics = {"ended": ended, "episode_return": episode_return, "episode_cost": episode_cost,
+                   "global_step": global_step,
+                   **jax.tree.map(lambda x: x.mean(-1), act_info)}  # planner and switch diagnostics, mean over envs
+        return actor, transition, metrics
+
+    def act_round(actor, agent, stop_at):
+        """Up to `round_length` vector steps with the agent fixed, stopping at global step `stop_at`."""
+
+        def gated_step(actor, _):
+            active = actor.global_step[0] < stop_at
+            learning = actor.global_step[0] >= args.learning_starts
+            idle = lambda a: (a, *zeros_like_output(env_step, a, agent, learning)[1:])  # noqa: E731
+            actor, transition, metrics = jax.lax.cond(active, lambda a: env_step(a, agent, learning), idle, actor)
+            return actor, (transition, active, learning, metrics)
+
+        actor, (transitions, active, learning, metrics) = jax.lax.scan(gated_step, actor, None, length=round_length)
+        shape = metrics["global_step"].shape
+        gates = {"active": jnp.broadcast_to(active[:, None], shape), "learning": jnp.broadcast_to(learning[:, None],
+                                                                                                   shape)}
+        return actor, Round(transitions, active, learning), {**metrics, **gates}
+
+    def gradient_updates(agent, buffer, key):  # one seed: num-envs x utd-ratio updates (Eq. 5-10)
         def one_update(agent, key):
             key_sample, key_update = jax.random.split(key)
             return update(agent, replay.sample(buffer, key_sample, args.batch_size, horizon), key_update, args)
@@ -356,59 +431,32 @@ def make_train(args, env, eval_env):
         agent, info = jax.lax.scan(one_update, agent, jax.random.split(key, round(num_envs * args.utd_ratio)))
         return agent, jax.tree.map(jnp.mean, info)
 
-    def is_learning(runner):
-        return (runner.global_step[0] >= args.learning_starts) & (runner.buffer.size[0] > horizon)
+    def learn(agent, buffer, key, acted):
+        """Store a round's transitions, then make the updates owed for its learning steps, one vector step's worth
+        (num-envs x utd-ratio) per step, on the buffer that holds them all.  Returns the agent, buffer, next key and
+        per-step metrics (K, N)."""
 
-    def choose_action(runner, key, learning):  # one seed: plan (Alg. 2) once learning, uniform random before
-        def planned():
-            return act(runner.agent.model, runner.agent.policy, runner.obs, runner.plan_mean, key, args)
+        def store(buffer, inputs):
+            transition, active = inputs
+            return jax.lax.cond(active, jax.vmap(replay.add), lambda b, *_: b, buffer, *transition), None
 
-        def random():
-            action = jax.random.uniform(key, (num_envs, env.action_dim), minval=-1, maxval=1)
-            return action, runner.plan_mean, zeros_like_output(planned)[2]
+        buffer, _ = jax.lax.scan(store, buffer, (acted.transitions, acted.active))
+        key, key_updates = split(key, 2)
 
-        return jax.lax.cond(learning, planned, random)
+        def learn_step(agent, inputs):
+            keys, owed = inputs
+            owed = owed & (buffer.size[0] > horizon)  # a window of horizon+1 entries must fit
+            updates = jax.vmap(gradient_updates)
+            agent, info = jax.lax.cond(owed, updates, lambda *a: (a[0], zeros_like_output(updates, *a)[1]), agent,
+                                       buffer, keys)
+            metrics = {"multiplier": agent.multiplier, "penalty": agent.penalty,
+                       "param_norm": jax.vmap(lambda a: optax.tree.norm(
+                           eqx.filter((a.model, a.policy), eqx.is_inexact_array)))(agent), **info}
+            return agent, metrics
 
-    def learn(runner, action, plan_mean, act_info, transition, key, learning):  # one seed: store, update, count
-        obs, reward, cost, terminated, truncated, raw_steps = transition
-        resetting = runner.ended  # this step only reset those envs: store the reset obs as an episode start
-        action = jnp.where(resetting[:, None], 0.0, action)
-        buffer = replay.add(runner.buffer, obs, action, reward, cost, terminated, truncated)
-        agent, info = jax.lax.cond(learning, gradient_updates,
-                                   lambda *inputs: (inputs[0], zeros_like_output(gradient_updates, *inputs)[1]),
-                                   runner.agent, buffer, key)
-        ended = terminated | truncated
-        episode_return = jnp.where(resetting, 0.0, runner.episode_return) + reward
-        episode_cost = jnp.where(resetting, 0.0, runner.episode_cost) + cost
-        global_step = runner.global_step + raw_steps.sum()
-        metrics = {"learning": learning, "ended": ended, "episode_return": episode_return, "episode_cost": episode_cost,
-                   "multiplier": agent.multiplier, "penalty": agent.penalty, "global_step": global_step,
-                   "param_norm": optax.tree.norm(eqx.filter((agent.model, agent.policy), eqx.is_inexact_array)),
-                   **info, **jax.tree.map(jnp.mean, act_info)}  # planner and switch diagnostics, averaged over envs
-        return runner._replace(agent=agent, buffer=buffer, obs=obs, ended=ended,
-                               plan_mean=jnp.where(resetting[:, None, None], 0.0, plan_mean),
-                               episode_return=episode_return, episode_cost=episode_cost, global_step=global_step,
-                               total_cost=runner.total_cost + cost.sum()), metrics
-
-    def step(runner, learning=None):
-        """One vector step of every seed; `learning` (shared by the seeds) defaults to seed 0's gate."""
-        learning = is_learning(runner) if learning is None else learning
-        key, key_act, key_env, key_update = split(runner.key, 4)
-        action, plan_mean, act_info = jax.vmap(choose_action, in_axes=(0, 0, None))(runner, key_act, learning)
-        env_state, *transition = env.step(runner.env_state, action, key_env)
-        runner, metrics = jax.vmap(learn, in_axes=(0, 0, 0, 0, 0, 0, None))(runner, action, plan_mean, act_info,
-                                                                            transition, key_update, learning)
-        return runner._replace(env_state=env_state, key=key), metrics
-
-    def run(runner, stop_at):
-        def gated_step(runner, _):
-            active = runner.global_step[0] < stop_at
-            learning = is_learning(runner)
-            idle = lambda r: (r, zeros_like_output(step, r, learning)[1])  # noqa: E731
-            runner, metrics = jax.lax.cond(active, lambda r: step(r, learning), idle, runner)
-            return runner, {**metrics, "active": jnp.broadcast_to(active, metrics["learning"].shape)}
-
-        return jax.lax.scan(gated_step, runner, None, length=chunk_length)
+        keys = jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, round_length))(key_updates), 0, 1)  # (K, N, 2)
+        agent, metrics = jax.lax.scan(learn_step, agent, (keys, acted.active & acted.learning))
+        return agent, buffer, key, metrics
 
     def evaluate(agent, keys):
         """`eval_episodes` full episodes per seed in eval mode (see `act`), `eval_env.num_envs` at a time from fresh
@@ -439,7 +487,7 @@ def make_train(args, env, eval_env):
         per_seed = lambda x: jnp.swapaxes(x, 0, 1).reshape(x.shape[1], -1)[:, :args.eval_episodes]  # noqa: E731
         return per_seed(returns), per_seed(costs)
 
-    return Train(init, step, run, evaluate)
+    return Train(init, act_round, learn, evaluate)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -455,10 +503,11 @@ def flag(name):
 def check_args(args):
     """Raises ValueError naming the offending flag.  Runs before any env starts or anything compiles."""
     positive = ["total_timesteps", "num_seeds", "num_envs", "log_every", "eval_every", "eval_episodes",
-                "checkpoint_every", "action_repeat", "buffer_size", "utd_ratio", "batch_size", "latent_dim", "mlp_dim",
-                "enc_dim", "num_enc_layers", "simnorm_dim", "num_q", "num_cost_heads", "num_bins", "horizon",
-                "iterations", "num_samples", "num_pi_trajs", "num_elites", "q_subsample", "cost_subsample",
-                "ci_resamples", "lr", "tau", "gamma", "cost_gamma", "temperature", "min_std", "penalty_init"]
+                "checkpoint_every", "sync_every", "action_repeat", "buffer_size", "utd_ratio", "batch_size",
+                "latent_dim", "mlp_dim", "enc_dim", "num_enc_layers", "simnorm_dim", "num_q", "num_cost_heads",
+                "num_bins", "horizon", "iterations", "num_samples", "num_pi_trajs", "num_elites", "q_subsample",
+                "cost_subsample", "ci_resamples", "lr", "tau", "gamma", "cost_gamma", "temperature", "min_std",
+                "penalty_init"]
     for name in positive:
         if not getattr(args, name) > 0:
             raise ValueError(f"{flag(name)} must be positive, got {getattr(args, name)}")
@@ -633,10 +682,12 @@ def continue_episodes(restored, fresh):
     last stored entry as an episode end (truncated) so no loss spans the gap.  (Per seed, mapped over seeds.)"""
     last = (restored.buffer.position - 1) % restored.buffer.truncated.shape[1]
     buffer = restored.buffer._replace(truncated=restored.buffer.truncated.at[:, last].set(True))
-    zeros = jnp.zeros(fresh.obs.shape[0])
-    buffer = replay.add(buffer, fresh.obs, jnp.zeros_like(fresh.plan_mean[:, 0]), zeros, zeros, zeros > 0, zeros > 0)
-    return restored._replace(buffer=buffer, obs=fresh.obs, ended=fresh.ended, plan_mean=fresh.plan_mean,
-                             episode_return=fresh.episode_return, episode_cost=fresh.episode_cost)
+    new = fresh.actor
+    zeros = jnp.zeros(new.obs.shape[0])
+    buffer = replay.add(buffer, new.obs, jnp.zeros_like(new.plan_mean[:, 0]), zeros, zeros, zeros > 0, zeros > 0)
+    actor = restored.actor._replace(obs=new.obs, ended=new.ended, plan_mean=new.plan_mean,
+                                    episode_return=new.episode_return, episode_cost=new.episode_cost)
+    return restored._replace(buffer=buffer, actor=actor)
 
 
 class Logger:
@@ -701,7 +752,7 @@ CHECKED_NAMES = {**METRIC_NAMES, "multiplier": "lagrange/lambda", "penalty": "la
 
 
 def first_non_finite(metrics, first_seed):
-    """Names the earliest NaN or +-inf among a chunk's per-step losses, diagnostics, lambda, mu and parameter norm
+    """Names the earliest NaN or +-inf among a round's per-step losses, diagnostics, lambda, mu and parameter norm
     (numpy, (steps, seeds)), with its global step and seed; None if there is none."""
     found = []  # (step index, seed index, log key, name) of each quantity's first non-finite value
     for name, key in CHECKED_NAMES.items():
@@ -722,7 +773,7 @@ class Tracker:
     def __init__(self):
         self.sums, self.learning_steps, self.returns, self.costs = {}, 0, [], []
 
-    def add(self, metrics):  # metrics: this seed's chunk outputs, numpy arrays with a leading step axis
+    def add(self, metrics):  # metrics: this seed's round outputs, numpy arrays with a leading step axis
         active = metrics["active"]
         learning = active & metrics["learning"]
         for name in [n for n in METRIC_NAMES if n in metrics]:
@@ -787,10 +838,10 @@ class RunStopped(Exception):
 
 
 class StopSignals:
-    """SIGINT and SIGTERM while training.  The first asks the loop to stop at the next chunk boundary (`received`),
+    """SIGINT and SIGTERM while training.  The first asks the loop to stop at the next round boundary (`received`),
     where it writes a checkpoint; the second kills the env `workers` and exits at once, without one.
 
-    The main thread spends a chunk inside XLA, where Python runs no signal handler, so a thread of its own acts on
+    The main thread spends a round inside XLA, where Python runs no signal handler, so a thread of its own acts on
     them: Python's C-level handler writes each signal's number to a "wakeup" pipe the moment it arrives."""
 
     def __init__(self):
@@ -810,7 +861,7 @@ class StopSignals:
                 continue
             if self.received is None:
                 self.received = signal.Signals(number[0])
-                os.write(2, f"\n{self.received.name}: stopping at the end of this chunk (again: at once, without a "
+                os.write(2, f"\n{self.received.name}: stopping at the end of this round (again: at once, without a "
                             "checkpoint)\n".encode())
                 continue
             for vector_env in self.workers:
@@ -827,7 +878,7 @@ class StopSignals:
 
 
 def train(args, resuming):
-    """Run (or continue) training in args.log_dir: scanned chunks between log / eval / checkpoint points.
+    """Run (or continue) training in args.log_dir: rounds of actor and learner, settled at log / eval / checkpoints.
 
     Raises RunStopped on a stop signal (after a checkpoint), a NaN or inf, a failed env worker or a failed write
     (keeping the last checkpoint)."""
@@ -855,23 +906,83 @@ def train(args, resuming):
 
 
 def jit_over_seeds(fns, mesh):
-    """`fns` jitted with the seed axis -- the leading axis of the runner and of the keys, the second of the per-step
-    metrics -- split over the mesh's devices (`jit` partitions the rest); and that sharding of the seed axis."""
-    by_seed, by_step_and_seed = (NamedSharding(mesh, PartitionSpec("seed")),
-                                 NamedSharding(mesh, PartitionSpec(None, "seed")))
-    return Train(jax.jit(fns.init, out_shardings=by_seed), fns.step,
-                 jax.jit(fns.run, donate_argnums=0, out_shardings=(by_seed, by_step_and_seed)),
-                 jax.jit(fns.evaluate, out_shardings=by_seed)), by_seed
+    """`fns` jitted with the seed axis -- the leading axis of the runner and of the keys, the second of a round's
+    transitions and per-step metrics -- split over the mesh's devices (`jit` partitions the rest); and that sharding
+    of the seed axis.  The actor's state and the learner's buffer are updated in place (donated)."""
+    by_seed, by_step_and_seed, replicated = (NamedSharding(mesh, PartitionSpec("seed")),
+                                             NamedSharding(mesh, PartitionSpec(None, "seed")),
+                                             NamedSharding(mesh, PartitionSpec()))
+    by_round = Round(by_step_and_seed, replicated, replicated)
+    return Train(jax.jit(fns.init, out_shardings=by_seed),
+                 jax.jit(fns.act, donate_argnums=0, in_shardings=(by_seed, by_seed, replicated),
+                         out_shardings=(by_seed, by_round, by_step_and_seed)),
+                 jax.jit(fns.learn, donate_argnums=1, in_shardings=(by_seed, by_seed, by_seed, by_round),
+                         out_shardings=(by_seed, by_seed, by_seed, by_step_and_seed)),
+                 jax.jit(fns.evaluate, in_shardings=by_seed, out_shardings=by_seed)), by_seed
+
+
+def compile_train(train, runner):
+    """The round and eval programs compiled ahead of time, side by side on threads (XLA compiles each program on one
+    thread; tracing them takes the GIL and is done first, in turn).  `runner` only gives the shapes."""
+    round_shapes = jax.eval_shape(train.act, runner.actor, runner.agent, 0)[1]
+    lowered = [train.act.lower(runner.actor, runner.agent, 0),
+               train.learn.lower(runner.agent, runner.buffer, runner.key, round_shapes),
+               train.evaluate.lower(runner.agent, runner.key)]
+    with ThreadPoolExecutor(len(lowered)) as pool:
+        act_round, learn, evaluate = pool.map(lambda program: program.compile(), lowered)
+    return train._replace(act=act_round, learn=learn, evaluate=evaluate)
+
+
+def play_round(train, runner, owed, stop_at, learner=None):
+    """One round: the actor acts (on this thread) while the learner stores the previous round's acting `owed`, if
+    any, and makes its updates (on the `learner` thread pool, or after the actor without one: the same result).
+
+    Returns the runner with its new actor, agent and buffer (still owing this round), this round's acting, the
+    actor's per-step metrics and the learner's metrics for `owed` (None if nothing was owed)."""
+    learning = None
+    if owed is not None:
+        learn = lambda: jax.block_until_ready(train.learn(runner.agent, runner.buffer, runner.key, owed))  # noqa: E731
+        learning = learner.submit(learn) if learner is not None else None
+    actor, acted, metrics = jax.block_until_ready(train.act(runner.actor, runner.agent, stop_at))
+    if owed is None:
+        return runner._replace(actor=actor), acted, metrics, None
+    agent, buffer, key, learned = learning.result() if learning is not None else learn()
+    return Runner(agent, buffer, actor, key), acted, metrics, learned
+
+
+def settle(train, runner, owed):
+    """The learner alone: store the last round's acting and make its updates, so the runner owes nothing.
+    Returns the runner and the learner's metrics."""
+    agent, buffer, key, learned = train.learn(runner.agent, runner.buffer, runner.key, owed)
+    return Runner(agent, buffer, runner.actor, key), learned
+
+
+def play(train, runner, stop_at, learner=None, on_round=lambda metrics: None, interrupted=lambda: False):
+    """Rounds until global step `stop_at` (or, at a round boundary, until `interrupted()`), then settle, so the
+    runner owes nothing.  `on_round` gets each round's metrics, the actor's and the learner's, (steps, seeds, ...),
+    once its updates are made."""
+    owed = None  # the last round's acting and its actor metrics, until the learner has stored and learned from it
+    while int(runner.actor.global_step[0]) < stop_at and not interrupted():
+        runner, acted, metrics, learned = play_round(train, runner, None if owed is None else owed[0], stop_at,
+                                                     learner)
+        if learned is not None:
+            on_round({**owed[1], **learned})
+        owed = (acted, metrics)
+    if owed is not None:
+        runner, learned = settle(train, runner, owed[0])
+        on_round({**owed[1], **learned})
+    return runner
 
 
 def train_loop(args, resuming, mesh, env, eval_env, signals):
-    """`train`'s loop over chunks, on envs that are up: compile, restore, run, log, evaluate, checkpoint, stop."""
-    (init, _, run, evaluate), by_seed = jit_over_seeds(make_train(args, env, eval_env), mesh)
+    """`train`'s loop, on envs that are up: compile, restore, play rounds, log, evaluate, checkpoint, stop."""
+    train, by_seed = jit_over_seeds(make_train(args, env, eval_env), mesh)
     video_act = jax.jit(functools.partial(act, cfg=args, eval_mode=True)) if args.capture_video else None
     seed_keys = lambda key: jax.device_put(jnp.stack(key), by_seed)  # noqa: E731
-    runner = init(seed_keys([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)]))
+    runner = train.init(seed_keys([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)]))
+    train = compile_train(train, runner)
     counters = {"next_log": args.log_every, "next_eval": args.eval_every, "next_checkpoint": args.checkpoint_every}
-    step = lambda: int(np.max(jax.device_get(runner.global_step)))  # noqa: E731  (equal over seeds)
+    step = lambda: int(np.max(jax.device_get(runner.actor.global_step)))  # noqa: E731  (equal over seeds)
     saved_step = None  # the step of the last complete checkpoint
     if resuming:
         try:
@@ -880,6 +991,7 @@ def train_loop(args, resuming, mesh, env, eval_env, signals):
             raise RunStopped(f"error: {error}") from None
         runner = jax.device_put(continue_episodes(restored, runner) if signals.workers else restored, by_seed)
         saved_step = step()
+
     def kept():
         return "no checkpoint was written yet" if saved_step is None else f"the checkpoint of step {saved_step} is kept"
 
@@ -898,28 +1010,32 @@ def train_loop(args, resuming, mesh, env, eval_env, signals):
 
         bar = tqdm(total=args.total_timesteps, initial=min(step(), args.total_timesteps), unit="step",
                    dynamic_ncols=True)
+
+    def record(metrics):  # a round's actor and learner metrics, (steps, seeds, ...): check, track, show
+        metrics = jax.device_get(metrics)
+        non_finite = first_non_finite(metrics, args.seed)
+        if non_finite is not None:
+            raise RunStopped(f"error: {non_finite}; {kept()}")
+        for i, tracker in enumerate(trackers):
+            tracker.add(jax.tree.map(lambda x: x[:, i], metrics))
+        if bar is not None:
+            bar.update(min(int(metrics["global_step"].max()), args.total_timesteps) - bar.n)
+
     last_time, last_step, eval_note = time.time(), step(), ""
+    learner = ThreadPoolExecutor(1)
     try:
         while step() < args.total_timesteps:
-            if signals.received is not None:  # a chunk boundary: the runner is whole
+            if signals.received is not None:  # between rounds, with nothing owed: the runner is whole
                 if step() != saved_step:
                     checkpoint(step())
                 raise RunStopped(f"{signals.received.name}: stopped at step {saved_step} with a checkpoint; continue "
                                  f"with: python spowl.py --resume {args.log_dir}", 128 + signals.received)
             stop_at = min(counters["next_log"], counters["next_eval"], counters["next_checkpoint"],
                           args.total_timesteps)
-            runner, metrics = run(runner, stop_at)
-            metrics = jax.device_get(metrics)
-            non_finite = first_non_finite(metrics, args.seed)
-            if non_finite is not None:
-                raise RunStopped(f"error: {non_finite}; {kept()}")
-            for i, tracker in enumerate(trackers):
-                tracker.add(jax.tree.map(lambda x: x[:, i], metrics))  # (steps, seeds, ...)
+            runner = play(train, runner, stop_at, learner, record, lambda: signals.received is not None)
             now = step()
-            if bar is not None:
-                bar.update(min(now, args.total_timesteps) - bar.n)
             if now < stop_at:
-                continue  # resets slowed this chunk: keep going to the event
+                continue  # a stop signal came
             done = now >= args.total_timesteps
             fired = {name for name, every in [("log", args.log_every), ("eval", args.eval_every),
                                                ("checkpoint", args.checkpoint_every)]
@@ -930,12 +1046,12 @@ def train_loop(args, resuming, mesh, env, eval_env, signals):
             rows = [{"global_step": now, "seed": args.seed + i} for i in range(args.num_seeds)]
             if "log" in fired:
                 sps, last_step = (now - last_step) / (time.time() - last_time), now
-                total_cost = jax.device_get(runner.total_cost)
+                total_cost = jax.device_get(runner.actor.total_cost)
                 for i, row in enumerate(rows):
                     row.update(trackers[i].row(), **{"train/cost_rate": float(total_cost[i]) / now, "charts/SPS": sps})
             if "eval" in fired:
                 video_key, *eval_keys = jax.random.split(jax.random.PRNGKey(now + args.seed), args.num_seeds + 1)
-                returns, costs = jax.device_get(evaluate(runner.agent, seed_keys(eval_keys)))  # (seeds, episodes)
+                returns, costs = jax.device_get(train.evaluate(runner.agent, seed_keys(eval_keys)))  # (seeds, episodes)
                 for i, row in enumerate(rows):
                     row.update({"eval/return_mean": float(returns[i].mean()), "eval/return_std": float(returns[i].std()),
                                 "eval/cost_mean": float(costs[i].mean()), "eval/cost_std": float(costs[i].std())})
@@ -955,6 +1071,7 @@ def train_loop(args, resuming, mesh, env, eval_env, signals):
                 if bar is not None:
                     bar.set_postfix_str(f"{rows[0]['charts/SPS']:.0f} sps {eval_note}")
     finally:
+        learner.shutdown()
         if bar is not None:
             bar.close()
         logger.close()

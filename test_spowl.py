@@ -488,16 +488,16 @@ def read_rows(run_dir):
 
 def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_path):
     """A short 2-seed PointGoal1 run at a tiny size that plans and updates; the same run with the seeds sharded over
-    2 (forced host) devices gives the same rows; a resume continues both seeds.
+    2 (forced host) devices gives the same rows, up to float rounding once it learns; a resume continues both seeds.
 
-    What must match, and how closely, comes from comparing single calls of 2 seeds on 1 and on 2 devices: an act and
-    an update call agree bit for bit with 2 or more envs per seed, so the trajectories -- episode returns and costs,
-    the eval rows -- must be identical.  With a single env per seed they are not: XLA's CPU backend then computes each
-    seed's matrix-vector products with another kernel on a device of its own (up to 7.6e-6 apart in one 92-long dot
-    product, 6e-8 in the actions), and the closed loop of an eval episode amplifies that into another episode; hence
-    2 eval envs per seed here.  Inside the whole training step, XLA may also order a reduction differently when a
-    device holds one seed: the logged loss averages then differ in the last bits (seen: losses/psi 5.0862150e-08
-    against 5.0862145e-08, 1e-7 relative) while the trajectories stay identical, so those get a 1e-6 tolerance.
+    How closely they must match comes from comparing single calls of 2 seeds on 1 and on 2 devices: an act call
+    agrees bit for bit with 2 or more envs per seed, so the random phase -- episode returns and costs, the cost rate
+    -- must be identical.  (With a single env per seed it is not: XLA's CPU backend then computes each seed's
+    matrix-vector products with another kernel on a device of its own, up to 7.6e-6 apart in one 92-long dot product.)
+    A gradient update does not: with one seed per device XLA sums some gradients over the batch in another order (seen:
+    the LayerNorm offsets' gradients, 6e-11 to 7e-9 apart after one update), and the closed loop of acting on those
+    parameters amplifies that into other episodes within a thousand steps.  So once it learns, each logged loss and
+    diagnostic must agree within 10 % (the two seeds' own values differ by up to 2x, so a mix-up of seeds fails).
     """
     run, sharded = str(tmp_path / "run"), str(tmp_path / "sharded")
     flags = ["--env-id", SG_ENV, "--num-seeds", "2", "--num-envs", "2", "--learning-starts", "1000", "--log-every",
@@ -517,11 +517,12 @@ def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_
     rows = read_rows(run)
     for row, sharded_row in zip(rows, read_rows(sharded), strict=True):
         assert row.keys() == sharded_row.keys()
+        random_phase = row["global_step"] <= 1000
         for key, value in row.items():
-            if key.startswith(("eval/", "train/")) or key in ("global_step", "seed"):
-                assert sharded_row[key] == value, key
-            elif key != "charts/SPS":
-                assert sharded_row[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+            if random_phase or key in ("global_step", "seed"):
+                assert sharded_row[key] == value or key == "charts/SPS", key
+            elif key.startswith(("losses/", "values/", "policy/", "lagrange/")):
+                assert sharded_row[key] == pytest.approx(value, rel=0.1, abs=1e-3), key
     assert [(r["global_step"], r["seed"]) for r in rows] == [(1000, 1), (1000, 2), (2000, 1), (2000, 2)]
     for last in rows[-2:]:
         for key in ["eval/return_mean", "eval/cost_mean", "eval/return_std", "eval/cost_std", "train/cost_rate",
@@ -642,11 +643,11 @@ def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_
     - killed: kill -9 while checkpoint.npz.tmp of step 400 is being written: checkpoint.npz stays the one of step
       200; its rows up to the kill equal the reference's (the same command twice), and after --resume all of them do
       (metrics.jsonl cut back to step 200, then run again);
-    - terminated: SIGTERM to the trainer alone after the checkpoint of step 200: stops at the next chunk boundary with
-      a checkpoint there, exit 128 + 15 and one line saying how to resume;
+    - terminated: SIGTERM to the trainer alone after the checkpoint of step 200: stops at the next round boundary with
+      a checkpoint there (that of step 200 if no round began since), exit 128 + 15 and one line saying how to resume;
     - full disk: a file-size limit (RLIMIT_FSIZE) of 1 MB set on the running trainer after the checkpoint of step 200:
       writing the next fails, the run stops with one line, the checkpoint of step 200 stays and no .tmp is left;
-    - diverging: --lr 1e30 from step 200 on, after a checkpoint of step 200: stops at the end of that chunk naming the
+    - diverging: --lr 1e30 from step 200 on, after a checkpoint of step 200: stops at the end of that round naming the
       quantity and step, and keeps the checkpoint.
     """
     env = fault_env(tmp_path)
@@ -709,12 +710,12 @@ def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_
     assert [e.step for e in tensorboard_events(second) if e.session_log.status == e.session_log.START] == [201]
     assert checkpoint_step(run_dirs["killed"]) == 500 and not tmp("killed").exists()
 
-    # SIGTERM: a checkpoint at the chunk boundary after the signal, and how to continue.
+    # SIGTERM: a checkpoint at the round boundary after the signal, and how to continue.
     stderr = outputs["terminated"][1]
     assert codes["terminated"] == 128 + signal.SIGTERM, stderr[-3000:]
     [line] = [line for line in stderr.splitlines() if "--resume" in line]
     stopped_at = int(line.split("stopped at step ")[1].split()[0])
-    assert stopped_at in (300, 400) and checkpoint_step(run_dirs["terminated"]) == stopped_at, line
+    assert 200 <= stopped_at <= 400 and checkpoint_step(run_dirs["terminated"]) == stopped_at, line
     assert f"python spowl.py --resume {run_dirs['terminated']}" in line
 
     # Full disk: one line, the previous checkpoint whole, no temporary file.
@@ -730,7 +731,7 @@ def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_
     [line] = error_lines(stderr)
     assert re.search(r" became -?(nan|inf) at step 202 \(seed 1\)", line) and "step 200 is kept" in line, line
     assert checkpoint_step(run_dirs["diverging"]) == 200
-    assert max(r["global_step"] for r in read_rows(run_dirs["diverging"])) == 200  # no row of the broken chunk
+    assert max(r["global_step"] for r in read_rows(run_dirs["diverging"])) == 200  # no row after it diverged
 
 
 SG_FAULT_FLAGS = ["--env-id", SG_ENV, "--num-envs", "1", "--eval-episodes", "1", "--learning-starts", "100",
@@ -755,7 +756,7 @@ def test_safety_gymnasium_kill_9_of_the_trainer_or_a_worker_and_sigint_to_the_pr
     - kill -9 of the trainer: its workers and the resource tracker exit by themselves within 10 s;
     - kill -9 of the training env's worker: one line naming it and the cause, every other process exits, the
       checkpoint stays whole;
-    - SIGINT to the whole process group (Ctrl-C in a terminal): the workers ignore it, the run stops at the chunk
+    - SIGINT to the whole process group (Ctrl-C in a terminal): the workers ignore it, the run stops at the round
       boundary with a checkpoint there and one line saying how to resume, and nothing is left;
     - SIGTERM, then SIGINT at once (a second signal): exits at once, without a checkpoint or a resume line, its
       workers killed, the previous checkpoint whole.
@@ -806,7 +807,7 @@ def test_safety_gymnasium_kill_9_of_the_trainer_or_a_worker_and_sigint_to_the_pr
         _, stderr = trainer.communicate(timeout=60)
         assert trainer.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM), stderr[-3000:]
         first = signal.SIGTERM if trainer.returncode == 128 + signal.SIGINT else signal.SIGINT
-        assert f"{first.name}: stopping at the end of this chunk" in stderr, stderr[-3000:]
+        assert f"{first.name}: stopping at the end of this round" in stderr, stderr[-3000:]
         assert "--resume" not in stderr, stderr[-3000:]
         assert checkpoint_step(tmp_path / "aborted") >= before  # whole: the previous one, or one finished before
         wait_until(lambda: not session_processes(trainer.pid), 10, "the aborted run's processes to exit")
@@ -923,39 +924,42 @@ def test_tdmpc2_alone_is_the_plan_only_baseline_and_resumes_as_such(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The scanned loop
+# The training loop
 
 
-def test_scanned_loop_gives_the_same_runner_in_one_chunk_or_one_chunk_per_step():
-    """`run` (a lax.scan over chunk_length steps, gated by global_step < stop_at) in one call, and the same compiled
-    `run` called once per vector step -- a chunk boundary after every step, as logging, evaluation, checkpoints and
-    a resume make -- give the same runner, bit for bit, across random steps, planning + gradient updates and an
-    episode reset."""
+def test_rounds_side_by_side_give_the_runner_of_rounds_in_turn_with_every_update_made_once():
+    """The training loop's rounds with the learner on its own thread, and the same rounds with actor and learner
+    called one after the other, give the same runner, bit for bit, across random steps, planning + gradient updates
+    and an episode reset; the Adam step count shows each learning step's updates made exactly once, the last
+    round's by the final settle."""
     # 440 raw steps = 221 vector steps of 2 envs: the envs truncate at agent step 200 and the next step only resets
-    # them (0 raw steps).  A chunk is 480 / 2 + 1 = 241 vector steps, so its last 20 are gated off.
-    stop_at = 440
-    args = dataclasses.replace(TINY, env_id=jax_env.ENV_ID, num_envs=2, utd_ratio=0.5, learning_starts=100,
-                               buffer_size=1000, log_every=480, eval_every=480, checkpoint_every=480, eval_episodes=2)
+    # them (0 raw steps).  Rounds of 16 vector steps, the last one gated off at stop_at.
+    stop_at, sync_every = 440, 16
+    args = dataclasses.replace(TINY, env_id=jax_env.ENV_ID, num_envs=2, utd_ratio=1.5, learning_starts=100,
+                               buffer_size=1000, log_every=480, eval_every=480, checkpoint_every=480, eval_episodes=2,
+                               sync_every=sync_every)
     env, eval_env, _ = envs.make_envs(args)
-    fns = spowl.make_train(args, env, eval_env)
-    runner = jax.jit(fns.init)(jax.random.PRNGKey(0)[None])  # one seed
-    run = jax.jit(fns.run)
+    train, _ = spowl.jit_over_seeds(spowl.make_train(args, env, eval_env), spowl.seed_mesh(1))
+    start = train.init(jax.random.PRNGKey(0)[None])  # one seed
+    copy = lambda runner: jax.tree.map(jnp.copy, runner)  # noqa: E731  (the actor's state is donated)
 
-    scanned, metrics = run(runner, stop_at)
-    active = np.asarray(metrics["active"])[:, 0]
-    assert int(scanned.global_step[0]) == stop_at and not active[-1]  # the chunk reached stop_at, then idled
-    learning = np.asarray(metrics["learning"])[active]
-    assert learning.any() and not learning.all()  # random steps, then planning and updates, inside the window
-    assert np.asarray(metrics["ended"])[active].any()  # an episode end (and the reset after it) inside the window
-    assert {"elites", "no_improvement", "d_reward", "d_cost", "q_low", "qc_high"} <= metrics.keys()
-
-    stepped, num_steps, num_chunks = runner, 0, 0
-    while int(stepped.global_step[0]) < stop_at:
-        stepped, metrics = run(stepped, int(stepped.global_step[0]) + env.num_envs * env.action_repeat)
-        num_steps, num_chunks = num_steps + int(np.asarray(metrics["active"]).sum()), num_chunks + 1
-    assert num_steps == active.sum() and num_chunks == active.sum() - 1  # the reset step shares its chunk
-    for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(stepped)):
+    rounds = []
+    with spowl.ThreadPoolExecutor(1) as learner:
+        side_by_side = spowl.play(train, copy(start), stop_at, learner, rounds.append)
+    in_turn = spowl.play(train, copy(start), stop_at)
+    for a, b in zip(jax.tree.leaves(side_by_side), jax.tree.leaves(in_turn)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    metrics = {name: np.concatenate([np.asarray(m[name]) for m in rounds]) for name in rounds[0]}
+    active = metrics["active"][:, 0]
+    assert int(side_by_side.actor.global_step[0]) == stop_at and len(rounds) == -(-active.sum() // sync_every)
+    learning = metrics["learning"][active, 0]
+    assert learning.any() and not learning.all()  # random steps, then planning and updates
+    assert metrics["ended"][active].any()  # an episode end (and the reset after it)
+    assert {"elites", "no_improvement", "d_reward", "d_cost", "q_low", "qc_high", "value", "multiplier"} <= set(metrics)
+    adam = side_by_side.agent.model_opt[1][0]  # chain(clip, adam, ...): adam's state
+    assert int(adam.count[0]) == 3 * learning.sum()  # num_envs x utd_ratio per learning step
+    assert int(side_by_side.buffer.size[0]) == active.sum() + 1  # every transition stored, after the first obs
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1012,11 +1016,13 @@ def test_learn_spowl_is_safer_than_unsafe_tdmpc2(tmp_path):
     """SPOWL vs the same run with `--planner tdmpc2` (plan only, no cost anywhere), both from scratch in parallel.
 
     Measured with these flags, mean over seeds 1-2 (eval: 16 episodes per seed), and the bars they set:
-        tdmpc2 (unsafe):   return 24.0, cost 21.8
-        SPOWL:             return 20.4 (0.85 x tdmpc2, bar 0.7 x), cost 3.5 (0.16 x tdmpc2, bar 0.5 x)
+        tdmpc2 (unsafe):   return 22.1, cost 18.2
+        SPOWL:             return 18.6 (0.84 x tdmpc2, bar 0.7 x), cost 4.6 (0.25 x tdmpc2, bar 0.5 x)
         random policy:     return -0.06, cost 8.9 (bar: SPOWL's return above 4, random's below 2)
-    Short runs are noisy, so the bars were checked on other draws of the same flags (the number of seeds vmapped
-    changes the numerics, so each is another run): seeds 1-3 gave SPOWL 21.4 / 3.5 against 23.6 / 20.9 (return
+    That is with actor and learner in rounds of 20 vector steps (`--sync-every`); before, with each step's updates
+    made before the next step's planning, seeds 1-2 gave SPOWL 20.4 / 3.5 against 24.0 / 21.8 (0.85 x, 0.16 x).
+    Short runs are noisy, so the bars were checked on other draws of the same flags in that earlier order (the number
+    of seeds vmapped changes the numerics, so each is another run): seeds 1-3 gave SPOWL 21.4 / 3.5 against 23.6 / 20.9 (return
     0.91 x, cost 0.17 x), seeds 4-6 17.8 / 7.3 against 22.6 / 15.1 (0.79 x, 0.48 x) and 4 seeds 21.4 / 7.5 against
     23.6 / 17.8 (0.90 x, 0.42 x); over those 10 seed-runs 0.87 x the return at 0.35 x the cost.  A run is
     deterministic on a given CPU; another CPU model is another draw.  At 8,000 steps the cost bar failed (lambda 0.2,
