@@ -120,8 +120,8 @@ def time_loop(args, loop_steps):
         train, by_seed = spowl.jit_over_seeds(spowl.make_train(args, env, eval_env), mesh)
         keys = jax.device_put(jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)]), by_seed)
         start = time.perf_counter()
+        train = spowl.compile_train(train, keys)
         runner = train.init(keys)
-        train = spowl.compile_train(train, runner)
         compile_seconds = time.perf_counter() - start
         learning_starts = max(args.learning_starts, (args.horizon + 1) * steps_per_vector_step)
         with spowl.ThreadPoolExecutor(1) as learner:

@@ -29,7 +29,7 @@ import report
 import spowl
 from planner import act, select_elites
 from policy import augmented_lagrangian, init_policy, update_multipliers
-from world_model import (WorldModel, decode, init_world_model, mish, simnorm, symexp, symlog, two_hot,
+from world_model import (WorldModel, decode, init_world_model, layer_norm, mish, simnorm, symexp, symlog, two_hot,
                          world_model_loss)
 
 # XLA's CPU backend at optimisation level 1 compiles in about half the time of the default level and runs these small
@@ -75,6 +75,24 @@ def test_one_exponential_mish_is_jax_mish():
     np.testing.assert_allclose(mish(x), jax.nn.mish(x), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jax.vmap(jax.grad(mish))(x), jax.vmap(jax.grad(jax.nn.mish))(x), rtol=1e-5, atol=1e-5)
     assert np.isfinite(jax.vmap(jax.grad(mish))(jnp.array([-1e4, 1e4, 0.0]))).all()
+
+
+def test_layer_norm_by_matrix_products_is_the_plain_layer_norm():
+    """The MLPs' LayerNorm (averages as products with a column of 1/n) against mean / variance reductions, values and
+    gradients, within 1e-5, on inputs with a large common offset."""
+
+    def plain(x, scale, offset, eps=1e-5):
+        mean = x.mean(-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps) * scale + offset
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = 3 * jax.random.normal(keys[0], (4, 256, 128)) + jnp.array([0.0, 1.0, -20.0, 100.0])[:, None, None]
+    scale, offset = 1 + 0.1 * jax.random.normal(keys[1], (128,)), 0.1 * jax.random.normal(keys[2], (128,))
+    np.testing.assert_allclose(layer_norm(x, scale, offset), plain(x, scale, offset), rtol=1e-5, atol=1e-5)
+    loss = lambda norm: lambda *a: (jnp.sin(norm(*a)) * jnp.arange(128)).sum()  # noqa: E731
+    for ours, reference in zip(jax.grad(loss(layer_norm), (0, 1, 2))(x, scale, offset),
+                               jax.grad(loss(plain), (0, 1, 2))(x, scale, offset)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
 
 def test_simnorm_groups_sum_to_one():

@@ -71,9 +71,12 @@ def mish(x):
 
 
 def layer_norm(x, scale, offset, eps=1e-5):
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + offset
+    """LayerNorm over the last axis.  Its mean and (biased) variance are products with a column of 1/n: the same
+    averages (within 1e-6), which XLA's CPU backend computes faster as matrix products than as reductions over the
+    minor axis, forward and backward; planning calls and updates took about 13 % less time (README, "Speed")."""
+    average = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
+    centred = x - x @ average
+    return centred * jax.lax.rsqrt((centred * centred) @ average + eps) * scale + offset
 
 
 class MLP(eqx.Module):
