@@ -418,9 +418,9 @@ def make_train(args, env, eval_env):
             return actor, (transition, active, learning, metrics)
 
         actor, (transitions, active, learning, metrics) = jax.lax.scan(gated_step, actor, None, length=round_length)
-        shape = metrics["global_step"].shape
-        gates = {"active": jnp.broadcast_to(active[:, None], shape), "learning": jnp.broadcast_to(learning[:, None],
-                                                                                                   shape)}
+        shape = metrics["global_step"].shape  # (K, N)
+        gates = {"active": jnp.broadcast_to(active[:, None], shape),
+                 "learning": jnp.broadcast_to(learning[:, None], shape)}
         return actor, Round(transitions, active, learning), {**metrics, **gates}
 
     def gradient_updates(agent, buffer, key):  # one seed: num-envs x utd-ratio updates (Eq. 5-10)
@@ -482,8 +482,8 @@ def make_train(args, env, eval_env):
             carry, _ = jax.lax.scan(eval_step, carry, split(key, eval_env.episode_steps))
             return carry[-2], carry[-1]  # (N, E)
 
-        rounds = -(-args.eval_episodes // eval_env.num_envs)
-        returns, costs = jax.lax.map(episode_batch, split(keys, rounds))  # (rounds, N, E)
+        batches = -(-args.eval_episodes // eval_env.num_envs)
+        returns, costs = jax.lax.map(episode_batch, split(keys, batches))  # (batches, N, E)
         per_seed = lambda x: jnp.swapaxes(x, 0, 1).reshape(x.shape[1], -1)[:, :args.eval_episodes]  # noqa: E731
         return per_seed(returns), per_seed(costs)
 
