@@ -313,7 +313,9 @@ class Actor(NamedTuple):
 
 
 class Runner(NamedTuple):
-    """A whole run between rounds, with no work owed: every transition stored and every update made."""
+    """A whole run: agent, replay buffer, actor and the learner's key.  Between rounds it may owe the last round's
+    storing and updates (see `play_round`); `play` returns it settled, with every transition stored and every update
+    made, which is how rows, evaluations and checkpoints see it."""
 
     agent: Agent
     buffer: replay.Buffer
