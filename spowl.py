@@ -340,7 +340,8 @@ class Train(NamedTuple):
 
 
 def zeros_like_output(fn, *args):
-    """Zeros shaped like fn(*args)'s output, for the idle branch of a lax.cond."""
+    """Zeros shaped like fn(*args)'s output, for the idle branch of a lax.cond.  `fn` is jitted: then the busy
+    branch's call fn(*args) reuses the trace made here (jit's trace cache) instead of tracing fn a second time."""
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
 
 
@@ -380,15 +381,14 @@ def make_train(args, env, eval_env):
                       jnp.zeros(obs.shape[0], jnp.int32), jnp.zeros(obs.shape[0]), key_actor)
         return Runner(agent, jax.vmap(new_buffer)(obs), actor, key)
 
+    plan = jax.jit(lambda agent, obs, plan_mean, key: act(agent.model, agent.policy, obs, plan_mean, key, args))
+
     def choose_action(agent, actor, key, learning):  # one seed: plan (Alg. 2) once learning, uniform random before
-        def planned():
-            return act(agent.model, agent.policy, actor.obs, actor.plan_mean, key, args)
-
-        def random():
+        def random(agent, obs, plan_mean, key):
             action = jax.random.uniform(key, (num_envs, env.action_dim), minval=-1, maxval=1)
-            return action, actor.plan_mean, zeros_like_output(planned)[2]
+            return action, plan_mean, zeros_like_output(plan, agent, obs, plan_mean, key)[2]
 
-        return jax.lax.cond(learning, planned, random)
+        return jax.lax.cond(learning, plan, random, agent, actor.obs, actor.plan_mean, key)
 
     def env_step(actor, agent, learning):
         """One vector step of every seed: act, step the envs, count.  Returns the actor, the transition to store and
@@ -409,14 +409,16 @@ def make_train(args, env, eval_env):
                    **jax.tree.map(lambda x: x.mean(-1), act_info)}  # planner and switch diagnostics, mean over envs
         return actor, transition, metrics
 
+    step = jax.jit(env_step)
+
     def act_round(actor, agent, stop_at):
         """Up to `round_length` vector steps with the agent fixed, stopping at global step `stop_at`."""
 
         def gated_step(actor, _):
             active = actor.global_step[0] < stop_at
             learning = actor.global_step[0] >= args.learning_starts
-            idle = lambda a: (a, *zeros_like_output(env_step, a, agent, learning)[1:])  # noqa: E731
-            actor, transition, metrics = jax.lax.cond(active, lambda a: env_step(a, agent, learning), idle, actor)
+            idle = lambda *inputs: (inputs[0], *zeros_like_output(step, *inputs)[1:])  # noqa: E731
+            actor, transition, metrics = jax.lax.cond(active, step, idle, actor, agent, learning)
             return actor, (transition, active, learning, metrics)
 
         actor, (transitions, active, learning, metrics) = jax.lax.scan(gated_step, actor, None, length=round_length)
@@ -433,6 +435,8 @@ def make_train(args, env, eval_env):
         agent, info = jax.lax.scan(one_update, agent, jax.random.split(key, round(num_envs * args.utd_ratio)))
         return agent, jax.tree.map(jnp.mean, info)
 
+    updates = jax.jit(jax.vmap(gradient_updates))
+
     def learn(agent, buffer, key, acted):
         """Store a round's transitions, then make the updates owed for its learning steps, one vector step's worth
         (num-envs x utd-ratio) per step, on the buffer that holds them all.  Returns the agent, buffer, next key and
@@ -448,7 +452,6 @@ def make_train(args, env, eval_env):
         def learn_step(agent, inputs):
             keys, owed = inputs
             owed = owed & (buffer.size[0] > horizon)  # a window of horizon+1 entries must fit
-            updates = jax.vmap(gradient_updates)
             agent, info = jax.lax.cond(owed, updates, lambda *a: (a[0], zeros_like_output(updates, *a)[1]), agent,
                                        buffer, keys)
             metrics = {"multiplier": agent.multiplier, "penalty": agent.penalty,
