@@ -185,7 +185,7 @@ class Workers(gymnasium.vector.AsyncVectorEnv):
             index = sentinels.index(ended[0])
             self.processes[index].join(timeout=1.0)  # its pipe closes just before its exit code can be read
             code = self.processes[index].exitcode
-            cause = (f"exited with code {code}" if code is None or code >= 0 else
+            cause = ("exited (exit code unknown)" if code is None else f"exited with code {code}" if code >= 0 else
                      f"was killed by {signal.Signals(-code).name}")
         else:
             index, cause = None, f"failed: {type(error).__name__}: {error}"

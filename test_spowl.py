@@ -128,7 +128,7 @@ def test_world_model_loss_drops_on_a_fixed_batch():
     agent = spowl.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
     batch = random_batch(jax.random.PRNGKey(1), args)
     losses = []
-    for i in range(300):
+    for i in range(150):  # measured: the last 10 losses at 0.35 x the first (0.49 x after 100 updates, 0.22 x after 300)
         agent, info = UPDATE(agent, batch, jax.random.PRNGKey(i), args)
         losses.append(float(info["model_loss"]))
     assert np.isfinite(losses).all()
