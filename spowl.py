@@ -345,6 +345,12 @@ def zeros_like_output(fn, *args):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
 
 
+def skipped(fn):
+    """The idle branch for lax.cond(busy, fn, skipped(fn), state, ...): the state passes through unchanged, and the
+    rest of fn's outputs are zeros."""
+    return lambda state, *rest: (state, *zeros_like_output(fn, state, *rest)[1:])
+
+
 def split(keys, num):
     """Split each seed's key: (N, 2) -> `num` arrays of (N, 2), as `jax.random.split` would for one seed."""
     return jnp.swapaxes(jax.vmap(lambda key: jax.random.split(key, num))(keys), 0, 1)
@@ -417,8 +423,7 @@ def make_train(args, env, eval_env):
         def gated_step(actor, _):
             active = actor.global_step[0] < stop_at
             learning = actor.global_step[0] >= args.learning_starts
-            idle = lambda *inputs: (inputs[0], *zeros_like_output(step, *inputs)[1:])  # noqa: E731
-            actor, transition, metrics = jax.lax.cond(active, step, idle, actor, agent, learning)
+            actor, transition, metrics = jax.lax.cond(active, step, skipped(step), actor, agent, learning)
             return actor, (transition, active, learning, metrics)
 
         actor, (transitions, active, learning, metrics) = jax.lax.scan(gated_step, actor, None, length=round_length)
@@ -452,8 +457,7 @@ def make_train(args, env, eval_env):
         def learn_step(agent, inputs):
             keys, owed = inputs
             owed = owed & (buffer.size[0] > horizon)  # a window of horizon+1 entries must fit
-            agent, info = jax.lax.cond(owed, updates, lambda *a: (a[0], zeros_like_output(updates, *a)[1]), agent,
-                                       buffer, keys)
+            agent, info = jax.lax.cond(owed, updates, skipped(updates), agent, buffer, keys)
             metrics = {"multiplier": agent.multiplier, "penalty": agent.penalty,
                        "param_norm": jax.vmap(lambda a: optax.tree.norm(
                            eqx.filter((a.model, a.policy), eqx.is_inexact_array)))(agent), **info}
