@@ -484,9 +484,9 @@ TINY_FLAGS = ["--latent-dim", "32", "--mlp-dim", "64", "--enc-dim", "32", "--num
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def spowl_cli(*flags, timeout=900):
+def spowl_cli(*flags, timeout=900, env=None):
     return subprocess.run([sys.executable, "spowl.py", *flags], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO_DIR)
+                          cwd=REPO_DIR, env=env)
 
 
 def spowl_start(*flags, env=None):
@@ -523,7 +523,8 @@ def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_
              "20000", *TINY_FLAGS]
     # At the default optimisation level: at level 1 XLA compiles the 1- and 2-device programs into numerically
     # different code (seen: other losses from the first updates on, other eval episodes).
-    one_device, two_devices = [{**os.environ, "XLA_FLAGS": flags} for flags in
+    # The resume loads the 1-device learner's program, the longest to compile, from the persistent cache.
+    one_device, two_devices = [{**cached_env(tmp_path), "XLA_FLAGS": flags} for flags in
                                ["", "--xla_force_host_platform_device_count=2"]]
     processes = [spowl_start(*flags, "--total-timesteps", "2000", "--log-dir", run, env=one_device),
                  spowl_start(*flags, "--total-timesteps", "2000", "--log-dir", sharded, env=two_devices)]
@@ -555,7 +556,7 @@ def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_
     with np.load(os.path.join(run, "checkpoint.npz")) as data:
         assert json.loads(str(data["counters"]))["next_checkpoint"] == 4000
 
-    result = spowl_cli("--resume", run, "--total-timesteps", "3000")
+    result = spowl_cli("--resume", run, "--total-timesteps", "3000", env=one_device)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_rows(run)
     assert [r["global_step"] for r in rows] == [1000, 1000, 2000, 2000, 3000, 3000]  # continued from 2000, not 0
@@ -589,13 +590,18 @@ def test_each_launch_appends_its_provenance(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # Faults: real processes and real signals (README: crash safety)
 
-# The processes of one test share their compiled programs through JAX's persistent cache (a run whose flags differ
-# only in --log-dir or --total-timesteps compiles the same programs); XLA's CPU backend at optimisation level 1
-# compiles in about half the time.
+def cached_env(tmp_path):
+    """The environment for runs of one test that share their compiled programs through JAX's persistent cache (a
+    run whose flags differ only in --log-dir, --total-timesteps or --resume compiles the same programs).  jax 0.6.2
+    keeps only programs without host callbacks there: on Safety-Gymnasium that is the learner's, the slowest to
+    compile."""
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+# XLA's CPU backend at optimisation level 1 compiles in about half the time.
 def fault_env(tmp_path):
-    return {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=1",
-            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    return {**cached_env(tmp_path), "XLA_FLAGS": "--xla_backend_optimization_level=1"}
 
 
 def session_processes(session):
@@ -779,14 +785,18 @@ def test_safety_gymnasium_kill_9_of_the_trainer_or_a_worker_and_sigint_to_the_pr
     - SIGTERM, then SIGINT at once (a second signal): exits at once, without a checkpoint or a resume line, its
       workers killed, the previous checkpoint whole.
     """
-    names = ["orphaned", "failing", "interrupted", "aborted"]
-    processes = {name: subprocess.Popen([sys.executable, "spowl.py", *SG_FAULT_FLAGS, "--log-dir",
-                                         str(tmp_path / name)], cwd=REPO_DIR, env=fault_env(tmp_path),
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        start_new_session=True) for name in names}
+    start = lambda name: subprocess.Popen(  # noqa: E731
+        [sys.executable, "spowl.py", *SG_FAULT_FLAGS, "--log-dir", str(tmp_path / name)], cwd=REPO_DIR,
+        env=fault_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    checkpointed = lambda name: wait_until(  # noqa: E731
+        lambda: (tmp_path / name / "checkpoint.npz").exists(), 600, f"a checkpoint of {name}", [processes[name]])
+    processes = {"orphaned": start("orphaned")}
     try:
+        # Once the first has checkpointed, its learner's program is in the cache and the others load it.
+        checkpointed("orphaned")
+        processes.update({name: start(name) for name in ["failing", "interrupted", "aborted"]})
         for name, p in processes.items():
-            wait_until(lambda: (tmp_path / name / "checkpoint.npz").exists(), 600, f"a checkpoint of {name}", [p])
+            checkpointed(name)
             assert len(workers(p)) == 2
         trainer = processes["orphaned"]
         trainer.kill()
