@@ -515,7 +515,10 @@ def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_
     A gradient update does not: with one seed per device XLA sums some gradients over the batch in another order (seen:
     the LayerNorm offsets' gradients, 6e-11 to 7e-9 apart after one update), and the closed loop of acting on those
     parameters amplifies that into other episodes within a thousand steps.  So once it learns, each logged loss and
-    diagnostic must agree within 10 % (the two seeds' own values differ by up to 2x, so a mix-up of seeds fails).
+    diagnostic must agree within 10 % (or 1e-3), or within a quarter of the two seeds' own difference where that is
+    more: a quantity near zero early on (the Q target, about -0.01 at step 2000, once 16 % apart after a change that
+    computed the same values with other XLA fusions) still has to be nearer its own seed's value than the other seed's, so a mix-up
+    of seeds fails.
     """
     run, sharded = str(tmp_path / "run"), str(tmp_path / "sharded")
     flags = ["--env-id", SG_ENV, "--num-seeds", "2", "--num-envs", "2", "--learning-starts", "1000", "--log-every",
@@ -534,15 +537,17 @@ def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_
     assert "JAX: 2 seeds on 1 of 1 local cpu device" in stdout
     assert "JAX: 2 seeds on 2 of 2 local cpu devices" in sharded_stdout
     rows = read_rows(run)
-    for row, sharded_row in zip(rows, read_rows(sharded), strict=True):
+    assert [(r["global_step"], r["seed"]) for r in rows] == [(1000, 1), (1000, 2), (2000, 1), (2000, 2)]
+    for i, (row, sharded_row) in enumerate(zip(rows, read_rows(sharded), strict=True)):
         assert row.keys() == sharded_row.keys()
+        other_seed = rows[i ^ 1]  # the same step's row of the other seed
         random_phase = row["global_step"] <= 1000
         for key, value in row.items():
             if random_phase or key in ("global_step", "seed"):
                 assert sharded_row[key] == value or key == "charts/SPS", key
             elif key.startswith(("losses/", "values/", "policy/", "lagrange/")):
-                assert sharded_row[key] == pytest.approx(value, rel=0.1, abs=1e-3), key
-    assert [(r["global_step"], r["seed"]) for r in rows] == [(1000, 1), (1000, 2), (2000, 1), (2000, 2)]
+                bound = max(0.1 * abs(value), 1e-3, 0.25 * abs(value - other_seed[key]))
+                assert abs(sharded_row[key] - value) <= bound, (key, value, sharded_row[key], other_seed[key])
     for last in rows[-2:]:
         for key in ["eval/return_mean", "eval/cost_mean", "eval/return_std", "eval/cost_std", "train/cost_rate",
                     "losses/consistency", "losses/value", "losses/cost", "losses/cost_value", "losses/policy",
