@@ -495,6 +495,15 @@ def spowl_start(*flags, env=None):
                             text=True, cwd=REPO_DIR, env=env)
 
 
+def cached_env(tmp_path):
+    """The environment for runs of one test that share their compiled programs through JAX's persistent cache (a
+    run whose flags differ only in --log-dir, --total-timesteps or --resume compiles the same programs).  jax 0.6.2
+    keeps only programs without host callbacks there: on Safety-Gymnasium that is the learner's, the slowest to
+    compile."""
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
@@ -516,9 +525,9 @@ def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_
     the LayerNorm offsets' gradients, 6e-11 to 7e-9 apart after one update), and the closed loop of acting on those
     parameters amplifies that into other episodes within a thousand steps.  So once it learns, each logged loss and
     diagnostic must agree within 10 % (or 1e-3), or within a quarter of the two seeds' own difference where that is
-    more: a quantity near zero early on (the Q target, about -0.01 at step 2000, once 16 % apart after a change that
-    computed the same values with other XLA fusions) still has to be nearer its own seed's value than the other seed's, so a mix-up
-    of seeds fails.
+    more.  A quantity near zero early on (the Q target, about -0.01 at step 2000, was once 16 % apart after a change
+    that computed the same values with other XLA fusions) then still has to be nearer its own seed's value than the
+    other seed's, so a mix-up of seeds fails.
     """
     run, sharded = str(tmp_path / "run"), str(tmp_path / "sharded")
     flags = ["--env-id", SG_ENV, "--num-seeds", "2", "--num-envs", "2", "--learning-starts", "1000", "--log-every",
@@ -594,15 +603,6 @@ def test_each_launch_appends_its_provenance(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Faults: real processes and real signals (README: crash safety)
-
-def cached_env(tmp_path):
-    """The environment for runs of one test that share their compiled programs through JAX's persistent cache (a
-    run whose flags differ only in --log-dir, --total-timesteps or --resume compiles the same programs).  jax 0.6.2
-    keeps only programs without host callbacks there: on Safety-Gymnasium that is the learner's, the slowest to
-    compile."""
-    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
 
 # XLA's CPU backend at optimisation level 1 compiles in about half the time.
 def fault_env(tmp_path):
