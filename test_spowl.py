@@ -1,6 +1,6 @@
 """Tests of SPOWL: the math, the components against the paper's equations and algorithms, and the training loop.
 
-    pytest -q test_spowl.py              # everything (CPU, about 13 minutes on 2 cores)
+    pytest -q test_spowl.py              # everything (CPU, about 9-15 minutes on 2 cores)
     pytest -q test_spowl.py -k learn     # only the learning test on the pure-JAX env
 """
 
