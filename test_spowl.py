@@ -489,10 +489,10 @@ def spowl_cli(*flags, timeout=900, env=None):
                           cwd=REPO_DIR, env=env)
 
 
-def spowl_start(*flags, env=None):
-    """spowl.py started in the background (stdout and stderr captured)."""
+def spowl_start(*flags, env=None, new_session=False):
+    """spowl.py started in the background (stdout and stderr captured), in a session of its own if `new_session`."""
     return subprocess.Popen([sys.executable, "spowl.py", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO_DIR, env=env)
+                            text=True, cwd=REPO_DIR, env=env, start_new_session=new_session)
 
 
 def cached_env(tmp_path):
@@ -681,9 +681,8 @@ def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_
     """
     env = fault_env(tmp_path)
     run_dirs = {name: tmp_path / name for name in ["reference", "killed", "terminated", "full_disk", "diverging"]}
-    start = lambda name, *flags: subprocess.Popen(  # noqa: E731
-        [sys.executable, "spowl.py", *PURE_FAULT_FLAGS, *flags, "--log-dir", str(run_dirs[name])], cwd=REPO_DIR,
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = lambda name, *flags: spowl_start(  # noqa: E731
+        *PURE_FAULT_FLAGS, *flags, "--log-dir", str(run_dirs[name]), env=env)
     processes = {}
     try:
         processes["reference"] = start("reference")
@@ -790,9 +789,8 @@ def test_safety_gymnasium_kill_9_of_the_trainer_or_a_worker_and_sigint_to_the_pr
     - SIGTERM, then SIGINT at once (a second signal): exits at once, without a checkpoint or a resume line, its
       workers killed, the previous checkpoint whole.
     """
-    start = lambda name: subprocess.Popen(  # noqa: E731
-        [sys.executable, "spowl.py", *SG_FAULT_FLAGS, "--log-dir", str(tmp_path / name)], cwd=REPO_DIR,
-        env=fault_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    start = lambda name: spowl_start(  # noqa: E731
+        *SG_FAULT_FLAGS, "--log-dir", str(tmp_path / name), env=fault_env(tmp_path), new_session=True)
     checkpointed = lambda name: wait_until(  # noqa: E731
         lambda: (tmp_path / name / "checkpoint.npz").exists(), 600, f"a checkpoint of {name}", [processes[name]])
     processes = {"orphaned": start("orphaned")}
