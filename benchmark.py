@@ -62,23 +62,23 @@ def checkpoint_write(args, obs_dim, action_dim):
 
 
 
-def matmul_flops(jaxpr):
+def matmul_flops(jaxpr, dtype=None):
     """FLOPs of the matrix products in a jaxpr: 2 x (batch x M x K x N) per `dot_general`, times the length of every
-    scan around it; of a `cond`, the costliest branch."""
+    scan around it; of a `cond`, the costliest branch.  Given a `dtype`, only the products whose inputs have it."""
     total = 0
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
+        if eqn.primitive.name == "dot_general" and dtype in (None, eqn.invars[0].aval.dtype):
             (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
             lhs, rhs = (v.aval.shape for v in eqn.invars)
             out = eqn.outvars[0].aval.shape
             total += 2 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
         if eqn.primitive.name == "cond":
-            total += max(matmul_flops(branch.jaxpr) for branch in eqn.params["branches"])
+            total += max(matmul_flops(branch.jaxpr, dtype) for branch in eqn.params["branches"])
         elif eqn.primitive.name == "scan":
-            total += eqn.params["length"] * matmul_flops(eqn.params["jaxpr"].jaxpr)
+            total += eqn.params["length"] * matmul_flops(eqn.params["jaxpr"].jaxpr, dtype)
         else:  # calls (pjit, custom_jvp, ...) hold a Jaxpr or ClosedJaxpr among their parameters
             subs = [getattr(p, "jaxpr", p) for p in eqn.params.values()]
-            total += sum(matmul_flops(sub) for sub in subs if hasattr(sub, "eqns"))
+            total += sum(matmul_flops(sub, dtype) for sub in subs if hasattr(sub, "eqns"))
     return total
 
 
@@ -88,10 +88,12 @@ def profile(name, fn, *inputs, repeats):
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     xla_flops = float((analysis or {}).get("flops", float("nan")))
-    counted = matmul_flops(jax.make_jaxpr(fn)(*inputs).jaxpr)
+    jaxpr = jax.make_jaxpr(fn)(*inputs).jaxpr
+    counted, bfloat16 = matmul_flops(jaxpr), matmul_flops(jaxpr, jnp.bfloat16)
     ms = median_ms(lambda: compiled(*inputs), repeats)
+    share = f", {100 * bfloat16 / counted:.1f} % in bfloat16" if bfloat16 else ""
     print(f"{name}: {ms:.1f} ms | {xla_flops / 1e9:.3f} GFLOP (XLA cost analysis), {counted / 1e9:.3f} GFLOP "
-          f"(matmuls of the jaxpr) | {counted / ms / 1e6:.1f} GFLOP/s")
+          f"(matmuls of the jaxpr{share}) | {counted / ms / 1e6:.1f} GFLOP/s")
     return ms
 
 

@@ -86,6 +86,10 @@ class Args:
     max_env_workers: Optional[int] = None
     """most Safety-Gymnasium worker processes, num-seeds x (num-envs + eval envs), a run may start; default
     max(32, 4 x CPU count)"""
+    plan_precision: Literal["float32", "bfloat16"] = "float32"
+    """inputs of the networks' matrix products when acting (planning, switch, evaluation), accumulated in float32:
+    bfloat16 runs them on GPU tensor cores, where a paper-size planning call is bound by float32 arithmetic (README,
+    "Speed"); gradient updates and all parameters stay float32"""
 
     # Agent modes (Sec. 5.1-5.2)
     planner: Literal["spowl", "tdmpc2", "cce"] = "spowl"

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import tyro
 
+import benchmark
 import buffer as replay
 import envs
 import jax_env
@@ -29,8 +30,8 @@ import report
 import spowl
 from planner import act, select_elites
 from policy import augmented_lagrangian, init_policy, update_multipliers
-from world_model import (WorldModel, decode, init_world_model, layer_norm, mish, simnorm, symexp, symlog, two_hot,
-                         world_model_loss)
+from world_model import (WorldModel, at_precision, decode, encode, init_world_model, layer_norm, matmul, mish,
+                         next_latent, simnorm, symexp, symlog, two_hot, world_model_loss)
 
 # XLA's CPU backend at optimisation level 1 compiles in about half the time of the default level and runs these small
 # programs about as fast.  Set before JAX starts its backend (importing the modules above does not), so it holds for
@@ -211,6 +212,33 @@ def test_update_and_planner_do_not_retrace():
         if i == 0:
             traced = dict(TRACES)
     assert TRACES == traced and traced["update"] >= 1 and traced["act"] >= 1
+
+
+def test_bfloat16_planning_rounds_the_planners_products_and_nothing_else():
+    """--plan-precision bfloat16: the planning call's network products take bfloat16 inputs (all its matmul FLOPs but
+    LayerNorm's averages and the decoding), the update's none; the networks then agree with float32 to bfloat16's
+    rounding; and at float32 a product is the plain x @ w, bit for bit."""
+    args = dataclasses.replace(TINY, plan_precision="bfloat16")
+    agent = spowl.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
+    obs = jax.random.normal(jax.random.PRNGKey(1), (2, OBS_DIM))
+    mean = jnp.zeros((2, args.horizon, ACTION_DIM))
+    planning = jax.make_jaxpr(lambda a, k: act(a.model, a.policy, obs, mean, k, args))(agent, jax.random.PRNGKey(2))
+    assert benchmark.matmul_flops(planning.jaxpr, jnp.bfloat16) >= 0.95 * benchmark.matmul_flops(planning.jaxpr)
+    update = jax.make_jaxpr(lambda a, k: spowl.update(a, random_batch(k, args), k, args))(agent, jax.random.PRNGKey(2))
+    assert benchmark.matmul_flops(update.jaxpr, jnp.bfloat16) == 0 < benchmark.matmul_flops(update.jaxpr)
+    action, _, _ = ACT(agent.model, agent.policy, obs, mean, jax.random.PRNGKey(3), args, False)
+    assert action.dtype == jnp.float32 and np.isfinite(action).all()
+
+    low = at_precision(agent.model, "bfloat16")
+    z, z_low = encode(agent.model, obs), encode(low, obs)
+    a = jnp.full((2, ACTION_DIM), 0.5)
+    pairs = [(z, z_low), (next_latent(agent.model, z, a), next_latent(low, z, a)),
+             (agent.policy(z), at_precision(agent.policy, "bfloat16")(z))]
+    for exact, rounded in pairs:
+        assert rounded.dtype == jnp.float32 and not np.array_equal(exact, rounded)
+        np.testing.assert_allclose(rounded, exact, rtol=0.05, atol=0.01 * np.abs(exact).max())
+    x, w = jax.random.normal(jax.random.PRNGKey(4), (8, 16)), jax.random.normal(jax.random.PRNGKey(5), (16, 4))
+    assert np.array_equal(matmul(x, w, "float32"), x @ w)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

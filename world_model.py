@@ -9,6 +9,8 @@ Every function takes the run configuration `cfg` (the `Args` of `spowl.py`, or a
 and works on arrays with any leading batch shape.
 """
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -79,11 +81,19 @@ def layer_norm(x, scale, offset, eps=1e-5):
     return centred * jax.lax.rsqrt((centred * centred) @ average + eps) * scale + offset
 
 
+def matmul(x, w, precision):
+    """x @ w with both inputs rounded to `precision` ('float32' or 'bfloat16'), accumulated and returned in float32:
+    mixed precision as GPU tensor cores run it.  At 'float32' this is the plain x @ w."""
+    dtype = jnp.dtype(precision)
+    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
 class MLP(eqx.Module):
     """NormedLinear hidden layers (Linear -> Dropout (first layer) -> LayerNorm -> Mish) and an output layer.
 
     The output layer is a plain Linear, or Linear -> LayerNorm -> SimNorm when `simnorm_groups > 0` (encoder and
-    dynamics).  Dropout is active only when a PRNG key is passed (training mode).
+    dynamics).  Dropout is active only when a PRNG key is passed (training mode).  The Linear layers' products run
+    at `precision` (see `matmul` and `at_precision`); parameters and everything between the products are float32.
     """
 
     weights: list
@@ -92,11 +102,12 @@ class MLP(eqx.Module):
     norm_offsets: list
     dropout: float = eqx.field(static=True)
     simnorm_groups: int = eqx.field(static=True)
+    precision: str = eqx.field(static=True, default="float32")
 
     def __call__(self, x, key=None):
         num_layers = len(self.weights)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            x = x @ w + b
+            x = matmul(x, w, self.precision) + b
             if i == num_layers - 1 and not self.simnorm_groups:
                 break
             if i == 0 and self.dropout > 0 and key is not None:
@@ -120,6 +131,12 @@ def mlp(key, sizes, dropout=0.0, simnorm_groups=0, zero_output=False):
     normed = sizes[1:] if simnorm_groups else sizes[1:-1]
     return MLP(weights, [jnp.zeros(n) for n in sizes[1:]], [jnp.ones(n) for n in normed],
                [jnp.zeros(n) for n in normed], dropout, simnorm_groups)
+
+
+def at_precision(networks, precision):
+    """The same networks (any pytree of MLPs: a world model, a policy) with their products at `precision`."""
+    return jax.tree.map(lambda m: dataclasses.replace(m, precision=precision) if isinstance(m, MLP) else m, networks,
+                        is_leaf=lambda m: isinstance(m, MLP))
 
 
 def ensemble(key, num_heads, sizes, dropout):
