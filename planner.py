@@ -33,7 +33,9 @@ def estimate_value(model, policy, z, actions, key, cfg):
         cost = head_values(model.cost, z, action, cfg) if with_cost else jnp.zeros((1, *reward.shape))
         return next_latent(model, z, action), (reward, cost)
 
-    z_last, (rewards, costs) = jax.lax.scan(step, jnp.broadcast_to(z, (actions.shape[1], z.shape[-1])), actions)
+    # The horizon is short: unrolled, the rollout is H copies of the step, with no loop to run (README, "Speed").
+    z_last, (rewards, costs) = jax.lax.scan(step, jnp.broadcast_to(z, (actions.shape[1], z.shape[-1])), actions,
+                                            unroll=True)
     keys = jax.random.split(key, 3)
     action_last, _ = sample_action(policy, z_last, keys[0], cfg)
     q = aggregate(head_values(model.q, z_last, action_last, cfg), keys[1], cfg.q_subsample, "avg")
@@ -100,7 +102,7 @@ def plan(model, policy, z, prev_mean, policy_value, policy_cost_value, key, cfg,
         return next_latent(model, z, action), action
 
     z_prior = jnp.broadcast_to(z, (num_prior, z.shape[-1]))
-    _, prior = jax.lax.scan(prior_step, z_prior, jax.random.split(key_prior, horizon))  # (H, P, A)
+    _, prior = jax.lax.scan(prior_step, z_prior, jax.random.split(key_prior, horizon), unroll=True)  # (H, P, A)
     is_prior = jnp.arange(num_samples) < num_prior
 
     def iteration(carry, key):

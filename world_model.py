@@ -247,7 +247,7 @@ def world_model_loss(model, batch, z_next, q_target, cost_value_target, key, cfg
         z_pred = next_latent(model, z, action)
         return jnp.where(valid[:, None], z_pred, target), (z, z_pred)
 
-    z_last, (zs, z_preds) = jax.lax.scan(rollout, z0, (batch.action, z_next, batch.valid))
+    z_last, (zs, z_preds) = jax.lax.scan(rollout, z0, (batch.action, z_next, batch.valid), unroll=True)  # H is short
     za = jnp.concatenate([zs, batch.action], -1)
     mask = batch.valid.astype(jnp.float32)
     # Every ensemble runs in training mode here, the cost heads included, as in the authors' `make_step`.
