@@ -1094,9 +1094,8 @@ def test_learn_spowl_is_safer_than_unsafe_tdmpc2(tmp_path):
     # Compiling dominates these short runs; XLA's CPU backend at optimisation level 1 compiles in about half the time
     # and, measured at this size, trains just as fast.
     env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=1"}
-    processes = {name: subprocess.Popen([sys.executable, "spowl.py", *LEARN_FLAGS, *flags, "--log-dir",
-                                         str(tmp_path / name)], cwd=REPO_DIR, env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True) for name, flags in runs.items()}
+    processes = {name: spowl_start(*LEARN_FLAGS, *flags, "--log-dir", str(tmp_path / name), env=env)
+                 for name, flags in runs.items()}
     random_return, random_cost = random_policy_eval()
     for name, process in processes.items():
         _, stderr = process.communicate(timeout=1200)
