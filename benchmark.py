@@ -8,7 +8,8 @@ checkpoint write.
 Takes the same flags as spowl.py (sizes, --num-envs, --env-id, --num-seeds).  Prints, after compilation:
   - ms per planning call (all envs) and per gradient update, with the FLOPs of each call counted twice -- by XLA's
     cost analysis of the compiled call and by summing the matmuls of its jaxpr (cost analysis has miscounted dot
-    products on some backends) -- and the GFLOP/s achieved;
+    products on some backends) -- the GFLOP/s achieved, and the program's size in operations (jaxpr equations,
+    loop bodies once: what tracing, compiling and, on a GPU, launching kernels scale with);
   - ms per raw env step of the vector env alone (Safety-Gymnasium);
   - the training loop end to end: compile time, then raw env steps/s over `loop-steps` vector steps of learning
     (planning, env steps, buffer adds and updates), per seed and in total;
@@ -82,6 +83,19 @@ def matmul_flops(jaxpr, dtype=None):
     return total
 
 
+def operations(jaxpr):
+    """The size of a program: the equations of its jaxpr, those of every sub-jaxpr (scan and cond bodies, calls)
+    included, each once however often it runs."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                sub = getattr(sub, "jaxpr", sub)
+                total += operations(sub) if hasattr(sub, "eqns") else 0
+    return total
+
+
 def profile(name, fn, *inputs, repeats):
     """Time a jitted call and count its FLOPs both ways; prints one line."""
     compiled = jax.jit(fn).lower(*inputs).compile()
@@ -93,7 +107,7 @@ def profile(name, fn, *inputs, repeats):
     ms = median_ms(lambda: compiled(*inputs), repeats)
     share = f", {100 * bfloat16 / counted:.1f} % in bfloat16" if bfloat16 else ""
     print(f"{name}: {ms:.1f} ms | {xla_flops / 1e9:.3f} GFLOP (XLA cost analysis), {counted / 1e9:.3f} GFLOP "
-          f"(matmuls of the jaxpr{share}) | {counted / ms / 1e6:.1f} GFLOP/s")
+          f"(matmuls of the jaxpr{share}) | {counted / ms / 1e6:.1f} GFLOP/s | {operations(jaxpr):,} operations")
     return ms
 
 

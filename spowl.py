@@ -243,13 +243,21 @@ class Agent(NamedTuple):
 
 
 def optimisers(args, model):
-    """Adam for the world model (encoder at enc-lr-scale x lr) and for the policy, both after a global-norm clip."""
+    """Adam for the world model (encoder at enc-lr-scale x lr) and for the policy, both after a global-norm clip.
+
+    Clip and Adam see each network's parameters as one flat vector (`optax.flatten`): the same arithmetic, element
+    for element, with the global norm summed in another order, as a few large operations instead of a few per
+    parameter array (the world model has 60).  That drops a third of an update's operations, and a quarter of the
+    learner's compile time on a CPU (README, "Speed")."""
     encoder_only = eqx.tree_at(lambda m: m.encoder, jax.tree.map(lambda _: False, model),
                                replace_fn=lambda encoder: jax.tree.map(lambda _: True, encoder))
-    model_opt = optax.chain(optax.clip_by_global_norm(args.grad_clip_norm), optax.adam(args.lr),
-                            optax.masked(optax.scale(args.enc_lr_scale), encoder_only))
-    policy_opt = optax.chain(optax.clip_by_global_norm(args.grad_clip_norm), optax.adam(args.lr, eps=args.policy_adam_eps))
-    return model_opt, policy_opt
+
+    def clipped_adam(**adam_args):
+        clip = optax.clip_by_global_norm(args.grad_clip_norm)
+        return optax.flatten(optax.chain(clip, optax.adam(args.lr, **adam_args)))
+
+    model_opt = optax.chain(clipped_adam(), optax.masked(optax.scale(args.enc_lr_scale), encoder_only))
+    return model_opt, clipped_adam(eps=args.policy_adam_eps)
 
 
 def init_agent(key, args, obs_dim, action_dim):
@@ -639,7 +647,7 @@ def record_provenance(run_dir):
 # The checkpoint format: `format_version`, `counters` (JSON: the event counters and the checkpoint's global_step) and
 # the runner's leaves `arr_0`, `arr_1`, ... in `jax.tree.leaves` order.  A change of the runner or of the counters
 # (new state) increments the version, and --resume then refuses older checkpoints in one line.
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 def save_checkpoint(run_dir, runner, counters):

@@ -19,6 +19,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tyro
 
@@ -212,6 +213,32 @@ def test_update_and_planner_do_not_retrace():
         if i == 0:
             traced = dict(TRACES)
     assert TRACES == traced and traced["update"] >= 1 and traced["act"] >= 1
+
+
+def test_flat_optimisers_step_as_the_plain_optimisers_on_each_parameter_array():
+    """Clip and Adam on each network's parameters as one flat vector (`spowl.optimisers`) agree within 1e-5 with the
+    plain optax chains on the parameter arrays, held here: over steps where the global-norm clip binds and where it
+    does not, the encoder's learning-rate scale included."""
+    args = TINY
+    agent = spowl.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
+    encoder_only = eqx.tree_at(lambda m: m.encoder, jax.tree.map(lambda _: False, agent.model),
+                               jax.tree.map(lambda _: True, agent.model.encoder))
+    clip = optax.clip_by_global_norm(args.grad_clip_norm)
+    plain = (optax.chain(clip, optax.adam(args.lr), optax.masked(optax.scale(args.enc_lr_scale), encoder_only)),
+             optax.chain(clip, optax.adam(args.lr, eps=args.policy_adam_eps)))
+    for params, flat, plain in zip((agent.model, agent.policy), spowl.optimisers(args, agent.model), plain):
+        flat_state, plain_state = flat.init(params), plain.init(params)
+        leaves, tree = jax.tree.flatten(params)
+        clipped = []
+        for step, size in enumerate([1.0, 1e-4, 1e-2, 3.0]):
+            keys = jax.random.split(jax.random.PRNGKey(step), len(leaves))
+            grads = jax.tree.unflatten(tree, [size * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+            clipped.append(float(optax.tree.norm(grads)) > args.grad_clip_norm)
+            flat_updates, flat_state = flat.update(grads, flat_state, params)
+            plain_updates, plain_state = plain.update(grads, plain_state, params)
+            for a, b in zip(jax.tree.leaves(flat_updates), jax.tree.leaves(plain_updates)):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+        assert any(clipped) and not all(clipped)
 
 
 def test_bfloat16_planning_rounds_the_planners_products_and_nothing_else():
@@ -1016,7 +1043,7 @@ def test_rounds_side_by_side_give_the_runner_of_rounds_in_turn_with_every_update
     assert learning.any() and not learning.all()  # random steps, then planning and updates
     assert metrics["ended"][active].any()  # an episode end (and the reset after it)
     assert {"elites", "no_improvement", "d_reward", "d_cost", "q_low", "qc_high", "value", "multiplier"} <= set(metrics)
-    adam = side_by_side.agent.model_opt[1][0]  # chain(clip, adam, ...): adam's state
+    adam = side_by_side.agent.model_opt[0][1][0]  # chain(flatten(chain(clip, adam)), masked scale): adam's state
     assert int(adam.count[0]) == 3 * learning.sum()  # num_envs x utd_ratio per learning step
     assert int(side_by_side.buffer.size[0]) == active.sum() + 1  # every transition stored, after the first obs
 
