@@ -13,9 +13,14 @@ Takes the same flags as spowl.py (sizes, --num-envs, --env-id, --num-seeds).  Pr
   - ms per raw env step of the vector env alone (Safety-Gymnasium);
   - the training loop end to end: compile time, then raw env steps/s over `loop-steps` vector steps of learning
     (planning, env steps, buffer adds and updates), per seed and in total;
-  - the size and write time of the run's checkpoint (replay buffer included).
+  - the size and write time of the run's checkpoint (replay buffer included);
+  - with `--trace-dir`, profiler traces of more planning calls, updates and two rounds of the loop, and what the
+    device did in them: kernels and busy time per call or vector step, the costliest kernels (on a GPU, with a jax
+    that has `jax.profiler.ProfileData`; the traces open in TensorBoard or Perfetto on any backend).
 """
 
+import collections
+import glob
 import math
 import os
 import tempfile
@@ -96,8 +101,34 @@ def operations(jaxpr):
     return total
 
 
-def profile(name, fn, *inputs, repeats):
-    """Time a jitted call and count its FLOPs both ways; prints one line."""
+def device_activity(trace_dir, calls, seconds):
+    """What the accelerator did in `calls` calls traced into `trace_dir` over `seconds` of wall time, read back with
+    `jax.profiler.ProfileData` (newer jax than the CPU pin): per line (stream) of each device plane, the kernels per
+    call and their summed time per call as a share of the wall time -- many kernels and a low share mean that launch
+    latency, not arithmetic, sets the pace -- then the kernels that took the most time."""
+    if getattr(jax.profiler, "ProfileData", None) is None:
+        print(f"  trace in {trace_dir}; this jax cannot read it back (jax.profiler.ProfileData)")
+        return
+    path = max(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    planes = [p for p in jax.profiler.ProfileData.from_file(path).planes if p.name.startswith("/device:")]
+    if not planes:
+        print(f"  trace in {trace_dir}: no device plane (a CPU run, or a GPU without CUPTI)")
+    kernel_ms = collections.Counter()
+    for plane in planes:
+        for line in plane.lines:
+            events = list(line.events)
+            busy = sum(e.duration_ns for e in events) / 1e6 / calls
+            print(f"  {plane.name} {line.name}: {len(events) / calls:.0f} kernels, {busy:.2f} ms per call "
+                  f"({100 * busy / (1000 * seconds / calls):.0f} % of the wall time)")
+            for e in events if line.name.startswith("Stream") else []:  # not derived lines (XLA Ops, Modules)
+                kernel_ms[e.name[:70]] += e.duration_ns / 1e6 / calls
+    for name, ms in kernel_ms.most_common(8):
+        print(f"    {ms:.3f} ms per call  {name}")
+
+
+def profile(name, fn, *inputs, repeats, trace_dir=None):
+    """Time a jitted call and count its FLOPs both ways; prints one line.  With `trace_dir`, then trace `repeats` more
+    calls there and summarise what the device did (`device_activity`)."""
     compiled = jax.jit(fn).lower(*inputs).compile()
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
@@ -108,6 +139,15 @@ def profile(name, fn, *inputs, repeats):
     share = f", {100 * bfloat16 / counted:.1f} % in bfloat16" if bfloat16 else ""
     print(f"{name}: {ms:.1f} ms | {xla_flops / 1e9:.3f} GFLOP (XLA cost analysis), {counted / 1e9:.3f} GFLOP "
           f"(matmuls of the jaxpr{share}) | {counted / ms / 1e6:.1f} GFLOP/s | {operations(jaxpr):,} operations")
+    if trace_dir and repeats:
+        trace_dir = os.path.join(trace_dir, name.split(" (")[0].replace(" ", "_"))
+        with jax.profiler.trace(trace_dir):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                out = compiled(*inputs)
+            jax.block_until_ready(out)
+            seconds = time.perf_counter() - start
+        device_activity(trace_dir, repeats, seconds)
     return ms
 
 
@@ -124,9 +164,10 @@ def time_env(args, action_dim, env_steps):
           f"({args.num_envs} envs, action repeat {args.action_repeat}, resets included)")
 
 
-def time_loop(args, loop_steps):
+def time_loop(args, loop_steps, trace_dir=None):
     """The training loop of spowl.py: compile once, fill the random phase, then time `loop_steps` vector steps of
-    learning (actor and learner side by side, in rounds of `sync-every` steps, as a run plays them)."""
+    learning (actor and learner side by side, in rounds of `sync-every` steps, as a run plays them).  With
+    `trace_dir`, then trace two whole rounds in the middle of four more and summarise what the device did."""
     mesh = spowl.seed_mesh(args.num_seeds)
     env, eval_env, vector_envs = envs.make_envs(args, mesh if mesh.size > 1 else None)
     try:
@@ -146,19 +187,43 @@ def time_loop(args, loop_steps):
             start = time.perf_counter()
             runner = jax.block_until_ready(spowl.play(train, runner, first + interval, learner))
             seconds = time.perf_counter() - start
-        raw = int(runner.actor.global_step[0]) - first
-        print(f"training loop: compile {compile_seconds:.1f} s (init, rounds and eval); {raw / seconds:.1f} raw env "
-              f"steps/s per seed, {args.num_seeds * raw / seconds:.1f} in all ({args.num_seeds} seed(s), "
-              f"{args.num_envs} envs, {1000 * seconds / (raw / steps_per_vector_step):.1f} ms per vector step, utd "
-              f"{args.utd_ratio}, sync every {args.sync_every})")
+            raw = int(runner.actor.global_step[0]) - first
+            print(f"training loop: compile {compile_seconds:.1f} s (init, rounds and eval); {raw / seconds:.1f} raw "
+                  f"env steps/s per seed, {args.num_seeds * raw / seconds:.1f} in all ({args.num_seeds} seed(s), "
+                  f"{args.num_envs} envs, {1000 * seconds / (raw / steps_per_vector_step):.1f} ms per vector step, "
+                  f"utd {args.utd_ratio}, sync every {args.sync_every})")
+            if trace_dir:
+                trace_rounds(train, runner, learner, os.path.join(trace_dir, "training_loop"),
+                             4 * args.sync_every * steps_per_vector_step, steps_per_vector_step)
     finally:
         for v in vector_envs:
             v.close()
 
 
-def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600, loop_steps: int = 100, checkpoint: bool = True):
+def trace_rounds(train, runner, learner, trace_dir, raw_steps, steps_per_vector_step):
+    """Play `raw_steps` more (four rounds or more), tracing the second and third rounds (from one round's end to
+    another's, actor and learner side by side, nothing settled), and summarise what the device did."""
+    seen = []  # (time, global step) at each round's end
+
+    def on_round(metrics):
+        seen.append((time.perf_counter(), int(np.max(metrics["global_step"]))))
+        if len(seen) == 1:
+            jax.profiler.start_trace(trace_dir)
+        elif len(seen) == 3:
+            jax.profiler.stop_trace()
+
+    spowl.play(train, runner, int(runner.actor.global_step[0]) + raw_steps, learner, on_round)
+    (start, first), (stop, last) = seen[0], seen[2]
+    print(f"training loop, traced: {(last - first) // steps_per_vector_step} vector steps in {stop - start:.2f} s")
+    device_activity(trace_dir, (last - first) // steps_per_vector_step, stop - start)
+
+
+def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600, loop_steps: int = 100, checkpoint: bool = True,
+         trace_dir: str | None = None):
     """`repeats` calls time the planning call and the update, `env_steps` vector steps of random actions the raw env,
-    `loop_steps` vector steps the training loop (0 skips any of them); `checkpoint` times a checkpoint write."""
+    `loop_steps` vector steps the training loop (0 skips any of them); `checkpoint` times a checkpoint write.
+    `trace_dir` keeps profiler traces of the planning calls, the updates and the loop's timed steps (a second run of
+    each) and prints what the device did in them (`device_activity`)."""
     args = spowl.resolve_act(args)
     spowl.check_args(args)
     if args.env_id in envs.JAX_ENVS:
@@ -183,13 +248,13 @@ def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600, loop_steps: 
     if repeats:
         profile(f"planning call ({e} envs, act={args.act})",
                 lambda model, policy, obs, mean, key: act(model, policy, obs, mean, key, args), agent.model,
-                agent.policy, obs, mean, key, repeats=repeats)
+                agent.policy, obs, mean, key, repeats=repeats, trace_dir=trace_dir)
         profile("gradient update", lambda agent, batch, key: spowl.update(agent, batch, key, args), agent, batch, key,
-                repeats=repeats)
+                repeats=repeats, trace_dir=trace_dir)
     if env_steps and args.env_id not in envs.JAX_ENVS:
         time_env(args, action_dim, env_steps)
     if loop_steps:
-        time_loop(args, loop_steps)
+        time_loop(args, loop_steps, trace_dir)
 
 
 if __name__ == "__main__":
