@@ -247,8 +247,8 @@ def optimisers(args, model):
 
     Clip and Adam see each network's parameters as one flat vector (`optax.flatten`): the same arithmetic, element
     for element, with the global norm summed in another order, as a few large operations instead of a few per
-    parameter array (the world model has 60).  That drops a third of an update's operations, and a quarter of the
-    learner's compile time on a CPU (README, "Speed")."""
+    parameter array (the world model has 60).  That drops a third of an update's operations, and with them compile
+    time (README, "Speed")."""
     encoder_only = eqx.tree_at(lambda m: m.encoder, jax.tree.map(lambda _: False, model),
                                replace_fn=lambda encoder: jax.tree.map(lambda _: True, encoder))
 
