@@ -222,8 +222,8 @@ def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600, loop_steps: 
          trace_dir: str | None = None):
     """`repeats` calls time the planning call and the update, `env_steps` vector steps of random actions the raw env,
     `loop_steps` vector steps the training loop (0 skips any of them); `checkpoint` times a checkpoint write.
-    `trace_dir` keeps profiler traces of the planning calls, the updates and the loop's timed steps (a second run of
-    each) and prints what the device did in them (`device_activity`)."""
+    `trace_dir` keeps profiler traces of more planning calls and updates, after the timed ones, and of two rounds of
+    the loop, after its timed steps, and prints what the device did in them (`device_activity`)."""
     args = spowl.resolve_act(args)
     spowl.check_args(args)
     if args.env_id in envs.JAX_ENVS:

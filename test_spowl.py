@@ -1111,8 +1111,8 @@ def test_learn_spowl_is_safer_than_unsafe_tdmpc2(tmp_path):
     That is with actor and learner in rounds of 20 vector steps (`--sync-every`), the horizon's rollouts unrolled and
     the optimisers on flat vectors (each moves the update's floats by ~1e-7, so each is another draw): before the flat
     optimisers SPOWL 19.9 / 6.1 against 23.0 / 20.2 (0.87 x, 0.30 x); with the rollouts rolled, 18.6 / 4.6 against
-    22.1 / 18.2 (0.84 x, 0.25 x).  Before the rounds, with each step's updates made before the next step's planning, seeds 1-2 gave SPOWL
-    20.4 / 3.5 against 24.0 / 21.8 (0.85 x, 0.16 x).
+    22.1 / 18.2 (0.84 x, 0.25 x).  Before the rounds, with each step's updates made before the next step's planning,
+    seeds 1-2 gave SPOWL 20.4 / 3.5 against 24.0 / 21.8 (0.85 x, 0.16 x).
     Short runs are noisy, so the bars were checked on other draws of the same flags in that earlier order (the number
     of seeds vmapped changes the numerics, so each is another run): seeds 1-3 gave SPOWL 21.4 / 3.5 against 23.6 / 20.9 (return
     0.91 x, cost 0.17 x), seeds 4-6 17.8 / 7.3 against 22.6 / 15.1 (0.79 x, 0.48 x) and 4 seeds 21.4 / 7.5 against
