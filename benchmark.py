@@ -82,23 +82,24 @@ def matmul_flops(jaxpr, dtype=None):
             total += max(matmul_flops(branch.jaxpr, dtype) for branch in eqn.params["branches"])
         elif eqn.primitive.name == "scan":
             total += eqn.params["length"] * matmul_flops(eqn.params["jaxpr"].jaxpr, dtype)
-        else:  # calls (pjit, custom_jvp, ...) hold a Jaxpr or ClosedJaxpr among their parameters
-            subs = [getattr(p, "jaxpr", p) for p in eqn.params.values()]
-            total += sum(matmul_flops(sub, dtype) for sub in subs if hasattr(sub, "eqns"))
+        else:  # calls (pjit, custom_jvp, ...)
+            total += sum(matmul_flops(sub, dtype) for sub in sub_jaxprs(eqn))
     return total
+
+
+def sub_jaxprs(eqn):
+    """The jaxprs an equation holds among its parameters (scan and cond bodies, the callee of a call), as Jaxprs."""
+    for param in eqn.params.values():
+        for sub in param if isinstance(param, (list, tuple)) else [param]:
+            sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+            if hasattr(sub, "eqns"):
+                yield sub
 
 
 def operations(jaxpr):
     """The size of a program: the equations of its jaxpr, those of every sub-jaxpr (scan and cond bodies, calls)
     included, each once however often it runs."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        total += 1
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                sub = getattr(sub, "jaxpr", sub)
-                total += operations(sub) if hasattr(sub, "eqns") else 0
-    return total
+    return sum(1 + sum(operations(sub) for sub in sub_jaxprs(eqn)) for eqn in jaxpr.eqns)
 
 
 def device_activity(trace_dir, calls, seconds):

@@ -224,9 +224,9 @@ def test_flat_optimisers_step_as_the_plain_optimisers_on_each_parameter_array():
     encoder_only = eqx.tree_at(lambda m: m.encoder, jax.tree.map(lambda _: False, agent.model),
                                jax.tree.map(lambda _: True, agent.model.encoder))
     clip = optax.clip_by_global_norm(args.grad_clip_norm)
-    plain = (optax.chain(clip, optax.adam(args.lr), optax.masked(optax.scale(args.enc_lr_scale), encoder_only)),
-             optax.chain(clip, optax.adam(args.lr, eps=args.policy_adam_eps)))
-    for params, flat, plain in zip((agent.model, agent.policy), spowl.optimisers(args, agent.model), plain):
+    plain_chains = (optax.chain(clip, optax.adam(args.lr), optax.masked(optax.scale(args.enc_lr_scale), encoder_only)),
+                    optax.chain(clip, optax.adam(args.lr, eps=args.policy_adam_eps)))
+    for params, flat, plain in zip((agent.model, agent.policy), spowl.optimisers(args, agent.model), plain_chains):
         flat_state, plain_state = flat.init(params), plain.init(params)
         leaves, tree = jax.tree.flatten(params)
         clipped = []
