@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from policy import deterministic_action, sample_action
-from world_model import aggregate, at_precision, decode, encode, head_values, next_latent
+from world_model import aggregate, decode, encode, for_acting, head_values, next_latent
 
 
 def estimate_value(model, policy, z, actions, key, cfg):
@@ -162,9 +162,9 @@ def act(model, policy, obs, prev_mean, key, cfg, eval_mode=False):
     Returns (action (E, A), next plan mean (E, H, A), info), info a dict of (E,) arrays: `used_plan` marks executed
     plan actions (the paper's Balance); unless `act='policy'`, the planner's diagnostics (see `plan`); with
     `act='switch'`, the bounds it compared against, `q_low` and `qc_high`.  The networks' products run at
-    `plan_precision`.
+    `plan_precision`, and LayerNorm takes its averages as products on a CPU, as reductions elsewhere (`layer_norm`).
     """
-    model, policy = at_precision((model, policy), cfg.plan_precision)
+    model, policy = for_acting((model, policy), cfg.plan_precision, jax.default_backend() == "cpu")
     num_envs = obs.shape[0]
     key_pi, key_bound, key_plan, key_switch = jax.random.split(key, 4)
     z = encode(model, obs)

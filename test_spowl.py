@@ -5,6 +5,7 @@
 """
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -31,8 +32,8 @@ import report
 import spowl
 from planner import act, select_elites
 from policy import augmented_lagrangian, init_policy, update_multipliers
-from world_model import (WorldModel, at_precision, decode, encode, init_world_model, layer_norm, matmul, mish,
-                         next_latent, simnorm, symexp, symlog, two_hot, world_model_loss)
+from world_model import (WorldModel, decode, encode, ensemble_apply, for_acting, init_world_model, layer_norm, matmul,
+                         mish, next_latent, simnorm, symexp, symlog, two_hot, world_model_loss)
 
 # XLA's CPU backend at optimisation level 1 compiles in about half the time of the default level and runs these small
 # programs about as fast.  Set before JAX starts its backend (importing the modules above does not), so it holds for
@@ -79,9 +80,10 @@ def test_one_exponential_mish_is_jax_mish():
     assert np.isfinite(jax.vmap(jax.grad(mish))(jnp.array([-1e4, 1e4, 0.0]))).all()
 
 
-def test_layer_norm_by_matrix_products_is_the_plain_layer_norm():
-    """The MLPs' LayerNorm (averages as products with a column of 1/n) against mean / variance reductions, values and
-    gradients, within 1e-5, on inputs with a large common offset."""
+def test_layer_norm_both_ways_is_the_plain_layer_norm():
+    """The MLPs' LayerNorm, with averages as products with a column of 1/n (CPU, updates) and as reductions (acting on
+    a GPU), against plain mean / variance reductions, values and gradients, within 1e-5, on inputs with a large common
+    offset; and a world model's heads give the same values either way."""
 
     def plain(x, scale, offset, eps=1e-5):
         mean = x.mean(-1, keepdims=True)
@@ -90,11 +92,21 @@ def test_layer_norm_by_matrix_products_is_the_plain_layer_norm():
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     x = 3 * jax.random.normal(keys[0], (4, 256, 128)) + jnp.array([0.0, 1.0, -20.0, 100.0])[:, None, None]
     scale, offset = 1 + 0.1 * jax.random.normal(keys[1], (128,)), 0.1 * jax.random.normal(keys[2], (128,))
-    np.testing.assert_allclose(layer_norm(x, scale, offset), plain(x, scale, offset), rtol=1e-5, atol=1e-5)
     loss = lambda norm: lambda *a: (jnp.sin(norm(*a)) * jnp.arange(128)).sum()  # noqa: E731
-    for ours, reference in zip(jax.grad(loss(layer_norm), (0, 1, 2))(x, scale, offset),
-                               jax.grad(loss(plain), (0, 1, 2))(x, scale, offset)):
-        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    for by_products in (True, False):
+        ours = functools.partial(layer_norm, by_products=by_products)
+        np.testing.assert_allclose(ours(x, scale, offset), plain(x, scale, offset), rtol=1e-5, atol=1e-5)
+        for grad, reference in zip(jax.grad(loss(ours), (0, 1, 2))(x, scale, offset),
+                                   jax.grad(loss(plain), (0, 1, 2))(x, scale, offset)):
+            np.testing.assert_allclose(grad, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+    model = init_world_model(jax.random.PRNGKey(1), TINY, OBS_DIM, ACTION_DIM)
+    last = jax.random.normal(jax.random.PRNGKey(2), model.q.weights[-1].shape)  # not the zeros that predict 0
+    model = eqx.tree_at(lambda m: m.q.weights[-1], model, last)
+    obs, action = jax.random.normal(jax.random.PRNGKey(3), (64, OBS_DIM)), jnp.full((64, ACTION_DIM), 0.3)
+    logits = [ensemble_apply(m.q, jnp.concatenate([encode(m, obs), action], -1))
+              for m in (model, for_acting(model, "float32", False))]
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-5, atol=1e-5 * np.abs(logits[0]).max())
 
 
 def test_simnorm_groups_sum_to_one():
@@ -259,11 +271,11 @@ def test_bfloat16_planning_rounds_the_planners_products_and_nothing_else():
     action, _, _ = ACT(agent.model, agent.policy, obs, mean, jax.random.PRNGKey(3), args, False)
     assert action.dtype == jnp.float32 and np.isfinite(action).all()
 
-    low = at_precision(agent.model, "bfloat16")
+    low = for_acting(agent.model, "bfloat16", True)
     z, z_low = encode(agent.model, obs), encode(low, obs)
     a = jnp.full((2, ACTION_DIM), 0.5)
     pairs = [(z, z_low), (next_latent(agent.model, z, a), next_latent(low, z, a)),
-             (agent.policy(z), at_precision(agent.policy, "bfloat16")(z))]
+             (agent.policy(z), for_acting(agent.policy, "bfloat16", True)(z))]
     for exact, rounded in pairs:
         assert rounded.dtype == jnp.float32 and not np.array_equal(exact, rounded)
         np.testing.assert_allclose(rounded, exact, rtol=0.05, atol=0.01 * np.abs(exact).max())
@@ -499,8 +511,6 @@ def test_cheap_reset_is_bit_identical():
 
 def test_next_step_auto_reset():
     """The final observation comes with its flag; the next step ignores its action and returns the reset obs."""
-    import functools
-
     import gymnasium
 
     vector_env = gymnasium.vector.SyncVectorEnv([functools.partial(envs.make_env, SG_ENV, 5, seed) for seed in (0, 1)])
