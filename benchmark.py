@@ -104,9 +104,11 @@ def operations(jaxpr):
 
 def device_activity(trace_dir, calls, seconds):
     """What the accelerator did in `calls` calls traced into `trace_dir` over `seconds` of wall time, read back with
-    `jax.profiler.ProfileData` (newer jax than the CPU pin): per line (stream) of each device plane, the kernels per
-    call and their summed time per call as a share of the wall time -- many kernels and a low share mean that launch
-    latency, not arithmetic, sets the pace -- then the kernels that took the most time."""
+    `jax.profiler.ProfileData` (newer jax than the CPU pin): per line (stream) of each device plane that ran
+    anything (a kernel per call or more), the kernels per call and their summed time per call as a share of the
+    wall time -- many kernels and a low share mean that launch latency, not arithmetic, sets the pace; then the same
+    per program (in the training loop, the actor's round and the learner's, which share the device); then the kernels
+    that took the most time."""
     if getattr(jax.profiler, "ProfileData", None) is None:
         print(f"  trace in {trace_dir}; this jax cannot read it back (jax.profiler.ProfileData)")
         return
@@ -114,15 +116,26 @@ def device_activity(trace_dir, calls, seconds):
     planes = [p for p in jax.profiler.ProfileData.from_file(path).planes if p.name.startswith("/device:")]
     if not planes:
         print(f"  trace in {trace_dir}: no device plane (a CPU run, or a GPU without CUPTI)")
-    kernel_ms = collections.Counter()
+    per_call = lambda ns: ns / 1e6 / calls  # noqa: E731  (ms per call)
+    share = lambda ms: f"{100 * ms / (1000 * seconds / calls):.0f} % of the wall time"  # noqa: E731
+    kernel_ms, program_kernels, program_ms = collections.Counter(), collections.Counter(), collections.Counter()
     for plane in planes:
         for line in plane.lines:
             events = list(line.events)
-            busy = sum(e.duration_ns for e in events) / 1e6 / calls
+            if len(events) < calls:  # idle, or a stray copy
+                continue
+            busy = per_call(sum(e.duration_ns for e in events))
             print(f"  {plane.name} {line.name}: {len(events) / calls:.0f} kernels, {busy:.2f} ms per call "
-                  f"({100 * busy / (1000 * seconds / calls):.0f} % of the wall time)")
+                  f"({share(busy)})")
             for e in events if line.name.startswith("Stream") else []:  # not derived lines (XLA Ops, Modules)
-                kernel_ms[e.name[:70]] += e.duration_ns / 1e6 / calls
+                program = dict(e.stats).get("hlo_module", "?")
+                kernel_ms[f"{program}: {e.name[:60]}"] += per_call(e.duration_ns)
+                program_kernels[program] += 1
+                program_ms[program] += per_call(e.duration_ns)
+    for program, ms in program_ms.most_common():
+        if program_kernels[program] >= calls:
+            print(f"    program {program}: {program_kernels[program] / calls:.0f} kernels, {ms:.2f} ms per call "
+                  f"({share(ms)})")
     for name, ms in kernel_ms.most_common(8):
         print(f"    {ms:.3f} ms per call  {name}")
 
