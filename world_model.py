@@ -77,7 +77,7 @@ def layer_norm(x, scale, offset, by_products=True, eps=1e-5):
     two ways, whose cost differs by backend (README, "Speed"):
     - `by_products`: as products with a column of 1/n, which XLA's CPU backend computes faster than reductions over
       the minor axis, forward and backward (planning calls and updates took about 13 % less time).  A GPU's updates
-      run faster this way too: 4.2 against 4.8 ms at paper size on an H100;
+      run faster this way too: 4.2 ms against 4.8 ms by reductions, at paper size on an H100;
     - else as reductions, which a GPU runs faster in planning, where the ensembles normalise 25,600 rows at a time
       (10 envs x 512 samples x 5 heads): a paper-size planning call took 13.0 instead of 17.4 ms on an H100.
     """
@@ -145,8 +145,8 @@ def mlp(key, sizes, dropout=0.0, simnorm_groups=0, zero_output=False):
 
 
 def for_acting(networks, precision, norm_by_products):
-    """The same networks (any pytree of MLPs: a world model, a policy) as acting runs them: products at `precision`
-    and LayerNorm's averages `norm_by_products` or by reductions (see `matmul` and `layer_norm`)."""
+    """The same networks (any pytree of MLPs: a world model, a policy) as acting runs them: products at `precision`,
+    and LayerNorm's averages as products if `norm_by_products`, else as reductions (see `matmul` and `layer_norm`)."""
     return jax.tree.map(lambda m: dataclasses.replace(m, precision=precision, norm_by_products=norm_by_products)
                         if isinstance(m, MLP) else m, networks, is_leaf=lambda m: isinstance(m, MLP))
 
