@@ -77,9 +77,9 @@ def layer_norm(x, scale, offset, by_products=True, eps=1e-5):
     two ways, whose cost differs by backend (README, "Speed"):
     - `by_products`: as products with a column of 1/n, which XLA's CPU backend computes faster than reductions over
       the minor axis, forward and backward (planning calls and updates took about 13 % less time).  A GPU's updates
-      run faster this way too: 4.2 ms against 4.8 ms by reductions, at paper size on an H100;
+      also ran faster this way, by about an eighth at paper size on an H100;
     - else as reductions, which a GPU runs faster in planning, where the ensembles normalise 25,600 rows at a time
-      (10 envs x 512 samples x 5 heads): a paper-size planning call took 13.0 instead of 17.4 ms on an H100.
+      (10 envs x 512 samples x 5 heads): a paper-size planning call took about a quarter less time on an H100.
     """
     if by_products:
         average = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
