@@ -15,8 +15,9 @@ Takes the same flags as spowl.py (sizes, --num-envs, --env-id, --num-seeds).  Pr
     (planning, env steps, buffer adds and updates), per seed and in total;
   - the size and write time of the run's checkpoint (replay buffer included);
   - with `--trace-dir`, profiler traces of more planning calls, updates and two rounds of the loop, and what the
-    device did in them: kernels and busy time per call or vector step, the costliest kernels (on a GPU, with a jax
-    that has `jax.profiler.ProfileData`; the traces open in TensorBoard or Perfetto on any backend).
+    device did in them: kernels and busy time per call or vector step, in all and per program, the costliest kernels
+    (on a GPU, with a jax that has `jax.profiler.ProfileData`; the traces open in TensorBoard or Perfetto on any
+    backend).
 """
 
 import collections
