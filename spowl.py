@@ -11,6 +11,7 @@ threads, and settles at every log / eval / checkpoint point.  The env layer (env
 from inside the actor's scan by a host callback, and the pure-JAX test-bed (jax_env.py) inside the scan itself.
 """
 
+import collections
 import dataclasses
 import functools
 import importlib.metadata
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Literal, NamedTuple, Optional
@@ -326,7 +327,7 @@ class Actor(NamedTuple):
 
 class Runner(NamedTuple):
     """A whole run: agent, replay buffer, actor and the learner's key.  Between rounds it may owe the last round's
-    storing and updates (see `play_round`); `play` returns it settled, with every transition stored and every update
+    storing and updates (see `play`); `play` returns it settled, with every transition stored and every update
     made, which is how rows, evaluations and checkpoints see it."""
 
     agent: Agent
@@ -943,61 +944,78 @@ def jit_over_seeds(fns, mesh):
 
 
 def compile_train(train, keys):
-    """The run's programs compiled ahead of time, side by side on threads (tracing takes the GIL and is done first,
-    in turn): init, the actor's and learner's rounds, and evaluation.  `keys` are the seeds' keys init will take.
+    """The run's programs, compiled ahead of time side by side on threads: a `Train` of futures of the compiled init,
+    actor's and learner's rounds, and evaluation.  `keys` are the seeds' keys init will take.
 
-    On a CPU the actor's and the evaluation's programs compile at XLA's optimisation level 1: in about half the time,
+    Tracing takes the GIL, so each program is traced in turn and starts compiling as soon as it is traced: the
+    learner's first, as the longest to compile.  Meanwhile a run can already act (`when_compiled`, `play`).  On a CPU
+    the actor's, the evaluation's and init's programs compile at XLA's optimisation level 1: in about half the time,
     for planning calls a few % slower, which the learner's longer rounds hide.  The learner's stays at the default
     level, where gradient updates run about 1.6x faster (README, "Speed")."""
     quick = {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
     runner = jax.eval_shape(train.init, keys)
     round_shapes = jax.eval_shape(train.act, runner.actor, runner.agent, 0)[1]
-    programs = [(train.init.lower(keys), quick), (train.act.lower(runner.actor, runner.agent, 0), quick),
-                (train.learn.lower(runner.agent, runner.buffer, runner.key, round_shapes), None),
-                (train.evaluate.lower(runner.agent, keys), quick)]
-    with ThreadPoolExecutor(len(programs)) as pool:
-        return Train(*pool.map(lambda program: program[0].compile(compiler_options=program[1]), programs))
+    pool = ThreadPoolExecutor(4)
+    compile_ = lambda lowered, options: pool.submit(lowered.compile, compiler_options=options)  # noqa: E731
+    learn = compile_(train.learn.lower(runner.agent, runner.buffer, runner.key, round_shapes), None)
+    act = compile_(train.act.lower(runner.actor, runner.agent, 0), quick)
+    init = compile_(train.init.lower(keys), quick)
+    evaluate = compile_(train.evaluate.lower(runner.agent, keys), quick)
+    pool.shutdown(wait=False)  # the compiles go on
+    return Train(init, act, learn, evaluate)
 
 
-def play_round(train, runner, owed, stop_at, learner=None):
-    """One round: the actor acts (on this thread) while the learner stores the previous round's acting `owed`, if
-    any, and makes its updates (on the `learner` thread pool, or after the actor without one: the same result).
-
-    Returns the runner with its new actor, agent and buffer (still owing this round), this round's acting, the
-    actor's per-step metrics and the learner's metrics for `owed` (None if nothing was owed)."""
-    learning = None
-    if owed is not None:
-        learn = lambda: jax.block_until_ready(train.learn(runner.agent, runner.buffer, runner.key, owed))  # noqa: E731
-        learning = learner.submit(learn) if learner is not None else None
-    actor, acted, metrics = jax.block_until_ready(train.act(runner.actor, runner.agent, stop_at))
-    if owed is None:
-        return runner._replace(actor=actor), acted, metrics, None
-    agent, buffer, key, learned = learning.result() if learning is not None else learn()
-    return Runner(agent, buffer, actor, key), acted, metrics, learned
+def when_compiled(compiling):
+    """A `Train` of futures of compiled programs as a `Train` of functions, each of which waits for its program."""
+    return Train(*(functools.partial(lambda future, *args: future.result()(*args), future) for future in compiling))
 
 
-def settle(train, runner, owed):
-    """The learner alone: store the last round's acting and make its updates, so the runner owes nothing.
-    Returns the runner and the learner's metrics."""
-    agent, buffer, key, learned = train.learn(runner.agent, runner.buffer, runner.key, owed)
-    return Runner(agent, buffer, runner.actor, key), learned
+def done_now(fn):
+    """fn() as an already finished future: an executor's `submit`, run on the calling thread."""
+    future = Future()
+    future.set_result(fn())
+    return future
+
+
+def learn_after(train, previous, acted):
+    """The learner's part of a round: store `acted` and make its updates, on the learner's state after the rounds
+    before it (`previous`, a future).  Returns the agent, buffer, next key and per-step metrics."""
+    agent, buffer, key, _ = previous.result()
+    return jax.block_until_ready(train.learn(agent, buffer, key, acted))
 
 
 def play(train, runner, stop_at, learner=None, on_round=lambda metrics: None, interrupted=lambda: False):
-    """Rounds until global step `stop_at` (or, at a round boundary, until `interrupted()`), then settle, so the
-    runner owes nothing.  `on_round` gets each round's metrics, the actor's and the learner's, (steps, seeds, ...),
-    once its updates are made."""
-    owed = None  # the last round's acting and its actor metrics, until the learner has stored and learned from it
-    while int(runner.actor.global_step[0]) < stop_at and not interrupted():
-        runner, acted, metrics, learned = play_round(train, runner, None if owed is None else owed[0], stop_at,
-                                                     learner)
-        if learned is not None:
-            on_round({**owed[1], **learned})
-        owed = (acted, metrics)
-    if owed is not None:
-        runner, learned = settle(train, runner, owed[0])
-        on_round({**owed[1], **learned})
-    return runner
+    """Rounds until global step `stop_at` (or, at a round boundary, until `interrupted()`), then the learner's last,
+    so the runner owes nothing.  `on_round` gets each round's metrics, the actor's and the learner's, (steps, seeds,
+    ...), in order, once its updates are made.
+
+    The actor plays round k with the agent that has learned from the rounds up to k-2, while the learner -- on the
+    `learner` thread pool, or after the actor without one: the same result -- stores round k-1 and makes its updates.
+    A round without learning steps (the random phase) leaves the agent as it was, so until a round owes updates the
+    actor plays on without waiting for the learner: at a run's start the random phase plays while the learner's
+    program still compiles."""
+    submit = learner.submit if learner is not None else done_now
+    agent, actor = runner.agent, runner.actor  # the agent the actor plays with
+    state = done_now(lambda: (runner.agent, runner.buffer, runner.key, None))  # the learner's, after the rounds given
+    last_two = collections.deque(maxlen=2)  # the last two rounds: (the learner's future, whether it owes updates)
+    unseen = collections.deque()  # rounds `on_round` has not seen yet: (the learner's future, the actor's metrics)
+
+    def show(future, metrics):
+        on_round({**metrics, **future.result()[3]})
+
+    while int(actor.global_step[0]) < stop_at and not interrupted():
+        if len(last_two) == 2 and last_two[0][1]:  # round k-2 owes updates: wait for them
+            agent = last_two[0][0].result()[0]
+        actor, acted, metrics = jax.block_until_ready(train.act(actor, agent, stop_at))
+        state = submit(functools.partial(learn_after, train, state, acted))
+        last_two.append((state, bool(np.any(acted.active & acted.learning))))
+        unseen.append((state, metrics))
+        while unseen and unseen[0][0].done():
+            show(*unseen.popleft())
+    while unseen:
+        show(*unseen.popleft())
+    agent, buffer, key, _ = state.result()
+    return Runner(agent, buffer, actor, key)
 
 
 def train_loop(args, resuming, mesh, env, eval_env, signals):
@@ -1006,7 +1024,7 @@ def train_loop(args, resuming, mesh, env, eval_env, signals):
     video_act = jax.jit(functools.partial(act, cfg=args, eval_mode=True)) if args.capture_video else None
     seed_keys = lambda key: jax.device_put(jnp.stack(key), by_seed)  # noqa: E731
     keys = seed_keys([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
-    train = compile_train(train, keys)
+    train = when_compiled(compile_train(train, keys))
     runner = train.init(keys)
     counters = {"next_log": args.log_every, "next_eval": args.eval_every, "next_checkpoint": args.checkpoint_every}
     step = lambda: int(np.max(jax.device_get(runner.actor.global_step)))  # noqa: E731  (equal over seeds)
@@ -1048,11 +1066,42 @@ def train_loop(args, resuming, mesh, env, eval_env, signals):
         if bar is not None:
             bar.update(min(int(metrics["global_step"].max()), args.total_timesteps) - bar.n)
 
+    def write(rows):
+        try:
+            logger.write(rows)
+        except OSError as error:
+            raise RunStopped(f"error: writing the metrics of step {rows[0]['global_step']} failed ({error}); "
+                             f"{kept()}") from None
+
+    def evaluate(agent, now):  # on the evaluator's thread: returns and costs (seeds, episodes), and the video
+        video_key, *eval_keys = jax.random.split(jax.random.PRNGKey(now + args.seed), args.num_seeds + 1)
+        returns, costs = jax.device_get(train.evaluate(agent, seed_keys(eval_keys)))
+        if args.capture_video:
+            os.makedirs(os.path.join(args.log_dir, "videos"), exist_ok=True)
+            record_video(args, jax.tree.map(lambda x: x[0], agent), os.path.join(args.log_dir, "videos",
+                                                                                 f"eval_{now}.mp4"), video_key, video_act)
+        return returns, costs
+
+    evaluation = None  # (future, rows): an evaluation running beside training, and the rows it completes
+
+    def finish_evaluation():  # wait for the running evaluation, if any, and write its rows
+        nonlocal evaluation, eval_note
+        if evaluation is None:
+            return
+        (future, rows), evaluation = evaluation, None
+        returns, costs = future.result()
+        for i, row in enumerate(rows):
+            row.update({"eval/return_mean": float(returns[i].mean()), "eval/return_std": float(returns[i].std()),
+                        "eval/cost_mean": float(costs[i].mean()), "eval/cost_std": float(costs[i].std())})
+        eval_note = f"eval return {returns.mean():.1f} cost {costs.mean():.1f}"
+        write(rows)
+
     last_time, last_step, eval_note = time.time(), step(), ""
-    learner = ThreadPoolExecutor(1)
+    learner, evaluator = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
     try:
         while step() < args.total_timesteps:
             if signals.received is not None:  # between rounds, with nothing owed: the runner is whole
+                finish_evaluation()
                 if step() != saved_step:
                     checkpoint(step())
                 raise RunStopped(f"{signals.received.name}: stopped at step {saved_step} with a checkpoint; continue "
@@ -1070,35 +1119,28 @@ def train_loop(args, resuming, mesh, env, eval_env, signals):
             for name in fired:
                 every = getattr(args, f"{name}_every")
                 counters["next_" + name] = (now // every + 1) * every
+            finish_evaluation()  # its rows come before these
             rows = [{"global_step": now, "seed": args.seed + i} for i in range(args.num_seeds)]
             if "log" in fired:
                 sps, last_step = (now - last_step) / (time.time() - last_time), now
                 total_cost = jax.device_get(runner.actor.total_cost)
                 for i, row in enumerate(rows):
                     row.update(trackers[i].row(), **{"train/cost_rate": float(total_cost[i]) / now, "charts/SPS": sps})
-            if "eval" in fired:
-                video_key, *eval_keys = jax.random.split(jax.random.PRNGKey(now + args.seed), args.num_seeds + 1)
-                returns, costs = jax.device_get(train.evaluate(runner.agent, seed_keys(eval_keys)))  # (seeds, episodes)
-                for i, row in enumerate(rows):
-                    row.update({"eval/return_mean": float(returns[i].mean()), "eval/return_std": float(returns[i].std()),
-                                "eval/cost_mean": float(costs[i].mean()), "eval/cost_std": float(costs[i].std())})
-                eval_note = f"eval return {returns.mean():.1f} cost {costs.mean():.1f}"
-                if args.capture_video:
-                    os.makedirs(os.path.join(args.log_dir, "videos"), exist_ok=True)
-                    record_video(args, jax.tree.map(lambda x: x[0], runner.agent),
-                                 os.path.join(args.log_dir, "videos", f"eval_{now}.mp4"), video_key, video_act)
-            try:
-                logger.write(rows)
-            except OSError as error:
-                raise RunStopped(f"error: writing the metrics of step {now} failed ({error}); {kept()}") from None
+            if "eval" in fired:  # runs beside the next rounds, unless a checkpoint or the run's end must wait for it
+                evaluation = (evaluator.submit(evaluate, runner.agent, now), rows)
+                if done or "checkpoint" in fired:
+                    finish_evaluation()
+            else:
+                write(rows)
             if "checkpoint" in fired:
                 checkpoint(now)
             if "log" in fired:
-                last_time = time.time()  # SPS counts training only, not evaluation or checkpointing
+                last_time = time.time()  # SPS counts training only, not the checkpoint or an evaluation waited for
                 if bar is not None:
-                    bar.set_postfix_str(f"{rows[0]['charts/SPS']:.0f} sps {eval_note}")
+                    bar.set_postfix_str(f"{sps:.0f} sps {eval_note}")
     finally:
-        learner.shutdown()
+        learner.shutdown(cancel_futures=True)
+        evaluator.shutdown(cancel_futures=True)  # waits for a running evaluation, which uses the eval envs
         if bar is not None:
             bar.close()
         logger.close()

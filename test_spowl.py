@@ -14,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import equinox as eqx
@@ -729,14 +730,15 @@ def error_lines(stderr):
 # Smaller programs, quicker to compile: no planning, a horizon of 1, one update per vector step.
 FAST_FLAGS = [*TINY_FLAGS, "--act", "policy", "--horizon", "1", "--utd-ratio", "0.5"]
 PURE_FAULT_FLAGS = ["--env-id", jax_env.ENV_ID, "--num-envs", "2", "--total-timesteps", "500", "--learning-starts",
-                    "100", "--log-every", "100", "--eval-every", "500", "--checkpoint-every", "200", "--eval-episodes",
+                    "100", "--log-every", "100", "--eval-every", "300", "--checkpoint-every", "200", "--eval-episodes",
                     "2", "--buffer-size", "300000", *FAST_FLAGS]  # a 46 MB checkpoint, so its write takes a while
 
 
 def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_path):
     """On the pure-JAX env, five runs of the same command (so the same compiled program) and one diverging run:
 
-    - reference: runs to the end;
+    - reference: runs to the end, with an evaluation at step 300 beside training (no checkpoint there) and one at
+      the end;
     - killed: kill -9 while checkpoint.npz.tmp of step 400 is being written: checkpoint.npz stays the one of step
       200; its rows up to the kill equal the reference's (the same command twice), and after --resume all of them do
       (metrics.jsonl cut back to step 200, then run again);
@@ -792,6 +794,8 @@ def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_
         return [{k: v for k, v in row.items() if k != "charts/SPS"} for row in read_rows(run_dir)]
 
     reference_rows, killed_rows = untimed(run_dirs["reference"]), untimed(run_dirs["killed"])
+    # The evaluation of step 300, with no checkpoint there, ran beside the next rounds and its row came before 400's.
+    assert [r["global_step"] for r in reference_rows if "eval/return_mean" in r] == [300, 500]
     assert [r["global_step"] for r in killed_rows] == [100, 200, 300, 400]  # the kill came after the rows of 400
     assert killed_rows == reference_rows[:4]  # the same command twice: the same rows
     resumed = subprocess.run([sys.executable, "spowl.py", "--resume", str(run_dirs["killed"])], cwd=REPO_DIR, env=env,
@@ -1030,7 +1034,8 @@ def test_rounds_side_by_side_give_the_runner_of_rounds_in_turn_with_every_update
     """The training loop's rounds with the learner on its own thread, and the same rounds with actor and learner
     called one after the other, give the same runner, bit for bit, across random steps, planning + gradient updates
     and an episode reset; the Adam step count shows each learning step's updates made exactly once, the last
-    round's by the final settle."""
+    round's by the final settle.  Side by side, the actor plays the random phase without waiting for a busy
+    learner."""
     # 440 raw steps = 221 vector steps of 2 envs: the envs truncate at agent step 200 and the next step only resets
     # them (0 raw steps).  Rounds of 16 vector steps, the last one gated off at stop_at.
     stop_at, sync_every = 440, 16
@@ -1042,9 +1047,21 @@ def test_rounds_side_by_side_give_the_runner_of_rounds_in_turn_with_every_update
     start = train.init(jax.random.PRNGKey(0)[None])  # one seed
     copy = lambda runner: jax.tree.map(jnp.copy, runner)  # noqa: E731  (the actor's state is donated)
 
+    # The learner is kept busy, as while its program compiles, until the actor has played a round with learning
+    # steps: the random phase's rounds, which leave the agent as it is, must not wait for it.
+    learning_began = threading.Event()
+
+    def act(actor, agent, stop_at):
+        actor, acted, metrics = train.act(actor, agent, stop_at)
+        if np.asarray(acted.learning).any():
+            learning_began.set()
+        return actor, acted, metrics
+
     rounds = []
     with spowl.ThreadPoolExecutor(1) as learner:
-        side_by_side = spowl.play(train, copy(start), stop_at, learner, rounds.append)
+        busy = learner.submit(learning_began.wait, 120)
+        side_by_side = spowl.play(train._replace(act=act), copy(start), stop_at, learner, rounds.append)
+    assert busy.result(), "the actor waited for the learner in the random phase"
     in_turn = spowl.play(train, copy(start), stop_at)
     for a, b in zip(jax.tree.leaves(side_by_side), jax.tree.leaves(in_turn)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
