@@ -1003,12 +1003,12 @@ def play(train, runner, stop_at, learner=None, on_round=lambda metrics: None, in
     def show(future, metrics):
         on_round({**metrics, **future.result()[3]})
 
-    while int(actor.global_step[0]) < stop_at and not interrupted():
+    while int(np.asarray(actor.global_step)[0]) < stop_at and not interrupted():  # numpy: no program to compile
         if len(last_two) == 2 and last_two[0][1]:  # round k-2 owes updates: wait for them
             agent = last_two[0][0].result()[0]
         actor, acted, metrics = jax.block_until_ready(train.act(actor, agent, stop_at))
         state = submit(functools.partial(learn_after, train, state, acted))
-        last_two.append((state, bool(np.any(acted.active & acted.learning))))
+        last_two.append((state, bool(np.any(np.asarray(acted.active) & np.asarray(acted.learning)))))
         unseen.append((state, metrics))
         while unseen and unseen[0][0].done():
             show(*unseen.popleft())
