@@ -7,8 +7,9 @@ Lagrangian (policy.py), a safe improvement planner with a plan/policy switch (pl
 (buffer.py).  `make_train(args)` returns pure functions of a run: an actor that plans and steps the envs for a round
 of `sync-every` vector steps in one `lax.scan`, and a learner that stores a round's transitions and makes its gradient
 updates in another.  The driver plays each round's actor and the previous round's learner side by side on two
-threads, and settles at every log / eval / checkpoint point.  The env layer (envs.py) steps Safety-Gymnasium workers
-from inside the actor's scan by a host callback, and the pure-JAX test-bed (jax_env.py) inside the scan itself.
+threads, and settles at every log / eval / checkpoint point; an evaluation runs beside the rounds that follow it.
+The env layer (envs.py) steps Safety-Gymnasium workers from inside the actor's scan by a host callback, and the
+pure-JAX test-bed (jax_env.py) inside the scan itself.
 """
 
 import collections
@@ -64,7 +65,8 @@ class Args:
     log_every: int = 5_000
     """raw env steps between log rows"""
     eval_every: int = 50_000
-    """raw env steps between evaluations"""
+    """raw env steps between evaluations (each runs beside the training after it, unless a checkpoint or the run's
+    end falls due at its step)"""
     eval_episodes: int = 10
     """full episodes per evaluation, on envs of their own"""
     checkpoint_every: int = 100_000
