@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from policy import deterministic_action, sample_action
-from world_model import aggregate, decode, encode, for_acting, head_values, next_latent
+from world_model import aggregate, encode, for_acting, head_values, next_latent
 
 
 def estimate_value(model, policy, z, actions, key, cfg):
@@ -29,8 +29,8 @@ def estimate_value(model, policy, z, actions, key, cfg):
     with_cost = cfg.planner != "tdmpc2"
 
     def step(z, action):
-        reward = decode(model.reward(jnp.concatenate([z, action], -1)), cfg)
-        cost = head_values(model.cost, z, action, cfg) if with_cost else jnp.zeros((1, *reward.shape))
+        reward, *cost = head_values((model.reward, model.cost) if with_cost else (model.reward,), z, action, cfg)
+        cost = cost[0] if with_cost else jnp.zeros((1, *reward.shape))
         return next_latent(model, z, action), (reward, cost)
 
     # The horizon is short: unrolled, the rollout is H copies of the step, with no loop to run (README, "Speed").
@@ -38,14 +38,16 @@ def estimate_value(model, policy, z, actions, key, cfg):
                                             unroll=True)
     keys = jax.random.split(key, 3)
     action_last, _ = sample_action(policy, z_last, keys[0], cfg)
-    q = aggregate(head_values(model.q, z_last, action_last, cfg), keys[1], cfg.q_subsample, "avg")
+    bootstrap = cfg.planner != "tdmpc2" and not (cfg.planner == "cce" and cfg.cce_estimate == "local")
+    q, *cost_value = head_values((model.q, model.cost_value) if bootstrap else (model.q,), z_last, action_last, cfg)
+    q = aggregate(q, keys[1], cfg.q_subsample, "avg")
     value = cfg.gamma ** jnp.arange(horizon) @ rewards + cfg.gamma**horizon * q
     if not with_cost:
         return value, jnp.zeros_like(value)
-    if cfg.planner == "cce" and cfg.cce_estimate == "local":
+    if not bootstrap:  # CCE's local estimate
         return value, costs.max(1).sum(0)
     immediate = costs.max(1) if cfg.plan_cost_agg == "max" else costs.mean(1)  # (H, N)
-    cost_value = aggregate(head_values(model.cost_value, z_last, action_last, cfg), keys[2], cfg.cost_subsample, "avg")
+    cost_value = aggregate(cost_value[0], keys[2], cfg.cost_subsample, "avg")
     return value, cfg.cost_gamma ** jnp.arange(horizon) @ immediate + cfg.cost_gamma**horizon * cost_value
 
 
@@ -177,14 +179,14 @@ def act(model, policy, obs, prev_mean, key, cfg, eval_mode=False):
 
     def q_avg(action, key):  # (E,) values and cost values of one action per env, averaged as in Eq. 11
         key_q, key_c = jax.random.split(key)
-        return (aggregate(head_values(model.q, z, action, cfg), key_q, cfg.q_subsample, "avg"),
-                aggregate(head_values(model.cost_value, z, action, cfg), key_c, cfg.cost_subsample, "avg"))
+        q, cost_value = head_values((model.q, model.cost_value), z, action, cfg)
+        return aggregate(q, key_q, cfg.q_subsample, "avg"), aggregate(cost_value, key_c, cfg.cost_subsample, "avg")
 
     if cfg.switch_rule == "ci":
         keys = jax.random.split(key_bound, (2, num_envs))
         interval = jax.vmap(bootstrap_interval, in_axes=(1, 0, None))
-        policy_value = interval(head_values(model.q, z, policy_action, cfg), keys[0], cfg)[0]
-        policy_cost_value = interval(head_values(model.cost_value, z, policy_action, cfg), keys[1], cfg)[1]
+        q, cost_value = head_values((model.q, model.cost_value), z, policy_action, cfg)
+        policy_value, policy_cost_value = interval(q, keys[0], cfg)[0], interval(cost_value, keys[1], cfg)[1]
     else:
         policy_value, policy_cost_value = q_avg(policy_action, key_bound)
 

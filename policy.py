@@ -71,15 +71,15 @@ def policy_loss(policy, model, latents, multiplier, penalty, scale, key, cfg, sa
     """
     keys = jax.random.split(key, 5)
     action, log_prob = sample_action(policy, latents, keys[0], cfg)
-    q = aggregate(head_values(model.q, latents, action, cfg, keys[1]), keys[2], cfg.q_subsample, "avg")
+    q, cost_value = head_values((model.q, model.cost_value), latents, action, cfg, (keys[1], keys[3]))
+    q = aggregate(q, keys[2], cfg.q_subsample, "avg")
     spread = jnp.percentile(q[0], 95) - jnp.percentile(q[0], 5)
     new_scale = scale + cfg.scale_tau * (jnp.maximum(spread, 1.0) - scale)
     if cfg.stop_scale_grad:
         new_scale = jax.lax.stop_gradient(new_scale)
     rho = cfg.rho ** jnp.arange(latents.shape[0])
     reward_loss = (rho * (cfg.entropy_coef * log_prob - q / new_scale).mean(-1)).mean()
-    cost_value = aggregate(head_values(model.cost_value, latents, action, cfg, keys[3]), keys[4],
-                           cfg.cost_subsample, cfg.delta_agg)
+    cost_value = aggregate(cost_value, keys[4], cfg.cost_subsample, cfg.delta_agg)
     delta = (cost_value - cfg.cost_limit).mean()
     psi = augmented_lagrangian(delta, multiplier, penalty) if safe else jnp.zeros(())
     info = {"reward_loss": reward_loss, "psi": psi, "delta": delta, "scale": new_scale,

@@ -14,6 +14,7 @@ import dataclasses
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -115,15 +116,17 @@ class MLP(eqx.Module):
     precision: str = eqx.field(static=True, default="float32")
     norm_by_products: bool = eqx.field(static=True, default=True)
 
-    def __call__(self, x, key=None):
+    def __call__(self, x, key=None, keep=None):
+        """x (..., in) -> (..., out).  `keep`, the probability that dropout keeps a unit, is 1 - `dropout` unless given
+        (as `fused_heads` gives it, to run heads of different rates as one)."""
         num_layers = len(self.weights)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = matmul(x, w, self.precision) + b
             if i == num_layers - 1 and not self.simnorm_groups:
                 break
-            if i == 0 and self.dropout > 0 and key is not None:
-                keep = jax.random.bernoulli(key, 1 - self.dropout, x.shape)
-                x = jnp.where(keep, x / (1 - self.dropout), 0.0)
+            if i == 0 and key is not None and (keep is not None or self.dropout > 0):
+                keep = 1 - self.dropout if keep is None else keep
+                x = jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, 0.0)
             x = layer_norm(x, self.norm_scales[i], self.norm_offsets[i], self.norm_by_products)
             x = mish(x) if i < num_layers - 1 else simnorm(x, self.simnorm_groups)
         return x
@@ -156,12 +159,36 @@ def ensemble(key, num_heads, sizes, dropout):
     return eqx.filter_vmap(lambda k: mlp(k, sizes, dropout, zero_output=True))(jax.random.split(key, num_heads))
 
 
-def ensemble_apply(heads, x, key=None):
-    """Every head of a stacked ensemble on the same input: (..., in) -> (num_heads, ..., out)."""
-    num_heads = heads.weights[0].shape[0]
-    if key is None:
-        return eqx.filter_vmap(lambda head: head(x))(heads)
-    return eqx.filter_vmap(lambda head, k: head(x, k))(heads, jax.random.split(key, num_heads))
+def fused_heads(heads, x, keys=None):
+    """Several heads that read the same input x (..., in), run as one stacked ensemble: each layer of all of them is one
+    batched matmul (fewer, larger operations, and less to compile: README, "Speed").
+
+    `heads` is a tuple of MLPs of one layer shape, each a single head or a stacked ensemble; `keys`, None or one key
+    (or None) per member, turns dropout on for the members given one, each at its own rate, head j of a member drawing
+    its mask with the j-th of `jax.random.split(key, num_heads)`.  Returns, per member, what it computes on its own:
+    (..., out) for a single head, (num_heads, ..., out) for an ensemble.
+    """
+    keys = [key if member.dropout > 0 else None for member, key in zip(heads, keys or (None,) * len(heads))]
+    spare = next((k for k in keys if k is not None), None)  # for members without dropout, whose masks keep every unit
+    stacks, member_keys, keep, sizes = [], [], [], []
+    for member, key in zip(heads, keys):
+        single = member.weights[0].ndim == 2
+        stack = jax.tree.map(lambda a: a[None], member) if single else member
+        num = stack.weights[0].shape[0]
+        stacks.append(dataclasses.replace(stack, dropout=0.0))
+        if spare is not None:
+            member_keys.append(key[None] if single and key is not None else jax.random.split(
+                spare if key is None else key, num))
+        keep.append(np.full(num, 1.0 if key is None else 1 - member.dropout, np.float32))
+        sizes.append(None if single else num)
+    stack = jax.tree.map(lambda *arrays: jnp.concatenate(arrays), *stacks)
+    if spare is None:
+        out = eqx.filter_vmap(lambda head: head(x))(stack)
+    else:
+        out = eqx.filter_vmap(lambda head, k, p: head(x, k, p))(stack, jnp.concatenate(member_keys),
+                                                                jnp.asarray(np.concatenate(keep)))
+    starts = np.cumsum([0] + [size or 1 for size in sizes])
+    return tuple(out[start] if size is None else out[start:start + size] for start, size in zip(starts, sizes))
 
 
 class WorldModel(eqx.Module):
@@ -203,9 +230,10 @@ def next_latent(model, z, action):
     return model.dynamics(jnp.concatenate([z, action], -1))
 
 
-def head_values(heads, z, action, cfg, key=None):
-    """Decoded predictions of every head of an ensemble: (num_heads, ...).  A key turns dropout on."""
-    return decode(ensemble_apply(heads, jnp.concatenate([z, action], -1), key), cfg)
+def head_values(heads, z, action, cfg, keys=None):
+    """Decoded predictions of several heads on (z, a), run as one (`fused_heads`): per member (...) for a single head,
+    (num_heads, ...) for an ensemble.  Keys turn dropout on."""
+    return tuple(decode(logits, cfg) for logits in fused_heads(heads, jnp.concatenate([z, action], -1), keys))
 
 
 def aggregate(values, key, num, how):
@@ -232,9 +260,9 @@ def td_targets(target, z_next, action_next, reward, cost, terminated, key, cfg):
     """
     target_q, target_cost_value = target
     key_q, key_c = jax.random.split(key)
-    q = aggregate(head_values(target_q, z_next, action_next, cfg), key_q, cfg.q_subsample, "min")
-    qc = aggregate(head_values(target_cost_value, z_next, action_next, cfg), key_c, cfg.cost_subsample,
-                   cfg.cost_target_agg)
+    q, qc = head_values((target_q, target_cost_value), z_next, action_next, cfg)
+    q = aggregate(q, key_q, cfg.q_subsample, "min")
+    qc = aggregate(qc, key_c, cfg.cost_subsample, cfg.cost_target_agg)
     alive = 1.0 - terminated
     return reward + alive * cfg.gamma * q, cost + alive * cfg.cost_gamma * qc
 
@@ -265,12 +293,14 @@ def world_model_loss(model, batch, z_next, q_target, cost_value_target, key, cfg
     # Every ensemble runs in training mode here, the cost heads included, as in the authors' `make_step`.
     key_q, key_c, key_cost = jax.random.split(key, 3)
     cost_weight = jnp.where(batch.cost > 0, cfg.cost_imb_weight, 1.0)  # cost signals are rare (authors' `make_step`)
+    reward, value, cost, cost_value = fused_heads((model.reward, model.q, model.cost, model.cost_value), za,
+                                                  (None, key_q, key_cost, key_c))
     per_step = {  # each (H, B)
         "consistency": ((z_preds - z_next) ** 2).mean(-1),
-        "reward": soft_ce(model.reward(za), batch.reward, cfg),
-        "value": soft_ce(ensemble_apply(model.q, za, key_q), q_target, cfg).mean(0),
-        "cost": soft_ce(ensemble_apply(model.cost, za, key_cost), batch.cost, cfg).mean(0) * cost_weight,
-        "cost_value": soft_ce(ensemble_apply(model.cost_value, za, key_c), cost_value_target, cfg).mean(0),
+        "reward": soft_ce(reward, batch.reward, cfg),
+        "value": soft_ce(value, q_target, cfg).mean(0),
+        "cost": soft_ce(cost, batch.cost, cfg).mean(0) * cost_weight,
+        "cost_value": soft_ce(cost_value, cost_value_target, cfg).mean(0),
     }
     rho = cfg.rho ** jnp.arange(batch.action.shape[0])
     terms = {name: (rho * masked_mean(x, mask)).mean() for name, x in per_step.items()}
