@@ -1146,10 +1146,11 @@ def test_learn_spowl_is_safer_than_unsafe_tdmpc2(tmp_path):
     23.6 / 17.8 (0.90 x, 0.42 x); over those 10 seed-runs 0.87 x the return at 0.35 x the cost.  A run is
     deterministic on a given CPU; another CPU model is another draw.  The bars are not far from the spread of draws:
     at `a71afbc`, seeds 3-4 (`--seed 3`) gave SPOWL 15.2 / 5.0 against 23.3 / 17.9 (0.65 x, 0.28 x), below the return
-    bar, and a change that moved the update's floats by ~6e-7 (the fused-heads experiment, `97ed952`) gave 14.2 / 12.3 against
-    21.8 / 22.5 on seeds 1-2 (README, "Speed").  Four seeds (`--num-seeds 4`, seeds 1-4, about 200 s for the pair
-    against 130 s) gave 17.4 / 5.1 against 23.5 / 19.8 (0.74 x, 0.26 x): no wider margin.  At 8,000 steps the cost bar failed (lambda 0.2,
-    4 seeds: 0.98 x return, 0.58 x cost); lambda 0.3-0.4 there cut the return to 0.55-0.82 x.
+    bar, and a change that moved the update's floats by ~6e-7 (the fused-heads experiment, `97ed952`) gave
+    14.2 / 12.3 against 21.8 / 22.5 on seeds 1-2 (README, "Speed").  Four seeds (`--num-seeds 4`, seeds 1-4, about
+    200 s for the pair against 130 s) gave 17.4 / 5.1 against 23.5 / 19.8 (0.74 x, 0.26 x): no wider margin.  At
+    8,000 steps the cost bar failed (lambda 0.2, 4 seeds: 0.98 x return, 0.58 x cost); lambda 0.3-0.4 there cut the
+    return to 0.55-0.82 x.
     """
     runs = {"spowl": ["--lagrange-init", LAMBDA, "--penalty-init", "1e-8", "--penalty-growth", "0"],
             "tdmpc2": ["--planner", "tdmpc2"]}
