@@ -82,6 +82,16 @@ def select_cce(value, cost_value, d_plan, num_elites):
     return elites, jnp.where(enough, value, -cost_value)
 
 
+def refit(actions, score, elites, cfg):
+    """MPPI refit of the sampling distribution to the elites: weights w ~ exp(temperature (score - max score)) over
+    the elites (zero elsewhere), and their weighted mean and std of the actions (H, N, A), the std clipped to
+    [min_std, max_std].  Returns mean (H, A), std (H, A) and the weights (N,)."""
+    weights = jax.nn.softmax(jnp.where(elites, cfg.temperature * score, -jnp.inf))
+    mean = jnp.einsum("n,hna->ha", weights, actions)
+    std = jnp.sqrt(jnp.einsum("n,hna->ha", weights, (actions - mean[:, None]) ** 2))
+    return mean, jnp.clip(std, cfg.min_std, cfg.max_std), weights
+
+
 def plan(model, policy, z, prev_mean, policy_value, policy_cost_value, key, cfg, eval_mode=False):
     """Safe improvement planning for one env (Sec. 4.3; the planning loop of Alg. 2).
 
@@ -124,11 +134,7 @@ def plan(model, policy, z, prev_mean, policy_value, policy_cost_value, key, cfg,
             elites, score = select_top_k(value, cfg.num_elites)
         else:
             elites, score = select_cce(value, cost_value, cfg.cce_threshold, cfg.num_elites)
-        # MPPI refit: w ~ exp(temperature (score - max score)) over the elites.
-        weights = jax.nn.softmax(jnp.where(elites, cfg.temperature * score, -jnp.inf))
-        mean = jnp.einsum("n,hna->ha", weights, actions)
-        std = jnp.sqrt(jnp.einsum("n,hna->ha", weights, (actions - mean[:, None]) ** 2))
-        std = jnp.clip(std, cfg.min_std, cfg.max_std)
+        mean, std, weights = refit(actions, score, elites, cfg)
         return (mean, std, actions, weights), {"elites": elites.sum(), **diagnostics}
 
     warm_start = jnp.concatenate([prev_mean[1:], jnp.zeros((1, action_dim))])

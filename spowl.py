@@ -1149,13 +1149,18 @@ def train_loop(args, resuming, mesh, env, eval_env, signals):
     return runner
 
 
-def main():
-    args = tyro.cli(Args)
-    if args.capture_video:  # must precede the first import of mujoco
+def configure(argv):
+    """The run's config from command-line flags: (args, resuming?).  Raises ValueError naming the offending flag."""
+    args = tyro.cli(Args, args=argv)
+    if args.capture_video:  # must precede the first import of mujoco (checking --env-id imports it)
         os.environ.setdefault("MUJOCO_GL", "egl")
-    cli_flags = {a[2:].split("=")[0].replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
+    cli_flags = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return prepare_run(args, cli_flags & {f.name for f in dataclasses.fields(Args)})
+
+
+def main():
     try:
-        args, resuming = prepare_run(args, cli_flags & {f.name for f in dataclasses.fields(Args)})
+        args, resuming = configure(sys.argv[1:])
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     try:

@@ -1,7 +1,11 @@
 """Tests of SPOWL: the math, the components against the paper's equations and algorithms, and the training loop.
 
-    pytest -q test_spowl.py              # everything (CPU, about 9-15 minutes on 2 cores)
-    pytest -q test_spowl.py -k learn     # only the learning test on the pure-JAX env
+    pytest -q -m "not slow" test_spowl.py   # the unit tests: the development loop (under 2 minutes on 2 cores)
+    pytest -q test_spowl.py                 # everything, with whole runs, faults and the learning test (CI)
+    pytest -q test_spowl.py -k learn        # only the learning test on the pure-JAX env
+
+Each equation is checked against a hand computation or a plain implementation, on inputs where a mistake shows:
+ensembles whose heads disagree, nonzero costs, terminal steps, gamma != gamma_c.
 """
 
 import dataclasses
@@ -31,15 +35,18 @@ import envs
 import jax_env
 import report
 import spowl
-from planner import act, select_elites
-from policy import augmented_lagrangian, init_policy, update_multipliers
-from world_model import (WorldModel, decode, encode, ensemble_apply, for_acting, init_world_model, layer_norm, matmul,
-                         mish, next_latent, simnorm, symexp, symlog, two_hot, world_model_loss)
+from planner import act, bootstrap_interval, estimate_value, plan, refit, select_cce, select_elites
+from policy import augmented_lagrangian, init_policy, policy_loss, update_multipliers
+from world_model import (WorldModel, aggregate, decode, encode, ensemble_apply, for_acting, init_world_model,
+                         layer_norm, matmul, mish, next_latent, simnorm, symexp, symlog, td_targets, two_hot,
+                         world_model_loss)
 
-# XLA's CPU backend at optimisation level 1 compiles in about half the time of the default level and runs these small
-# programs about as fast.  Set before JAX starts its backend (importing the modules above does not), so it holds for
-# this process and for the runs it starts; a test that compares against a run at the default level says so.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=1")
+# The unit tests compile many small programs and run each a few times, so this process compiles at XLA's optimisation
+# level 0: a gradient update of the tiny model below compiles in 5.7 s there, against 16.3 s at level 1 (and about
+# twice that at the default level).  Set before JAX starts its backend (importing the modules above does not).  The
+# runs the tests start set their own level: 1 (about half the compile time of the default, and as fast for these
+# sizes), or the default where a test compares against a normal run.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 # A small model that compiles and runs quickly on a CPU.
 TINY = spowl.Args(latent_dim=32, mlp_dim=64, enc_dim=32, num_samples=32, num_pi_trajs=4, num_elites=8, iterations=2,
@@ -81,6 +88,12 @@ def test_one_exponential_mish_is_jax_mish():
     assert np.isfinite(jax.vmap(jax.grad(mish))(jnp.array([-1e4, 1e4, 0.0]))).all()
 
 
+def at_level_1(fn):
+    """`fn` jitted and compiled at optimisation level 1, as the runs compile it: its float rounding is a run's (level 0
+    computes the LayerNorm's products with other roundings, up to 2e-5 apart on the inputs below)."""
+    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 1})
+
+
 def test_layer_norm_both_ways_is_the_plain_layer_norm():
     """The MLPs' LayerNorm, with averages as products with a column of 1/n (CPU, updates) and as reductions (acting on
     a GPU), against plain mean / variance reductions, values and gradients, within 1e-5, on inputs with a large common
@@ -95,9 +108,9 @@ def test_layer_norm_both_ways_is_the_plain_layer_norm():
     scale, offset = 1 + 0.1 * jax.random.normal(keys[1], (128,)), 0.1 * jax.random.normal(keys[2], (128,))
     loss = lambda norm: lambda *a: (jnp.sin(norm(*a)) * jnp.arange(128)).sum()  # noqa: E731
     for by_products in (True, False):
-        ours = functools.partial(layer_norm, by_products=by_products)
+        ours = at_level_1(functools.partial(layer_norm, by_products=by_products))
         np.testing.assert_allclose(ours(x, scale, offset), plain(x, scale, offset), rtol=1e-5, atol=1e-5)
-        for grad, reference in zip(jax.grad(loss(ours), (0, 1, 2))(x, scale, offset),
+        for grad, reference in zip(at_level_1(jax.grad(loss(ours), (0, 1, 2)))(x, scale, offset),
                                    jax.grad(loss(plain), (0, 1, 2))(x, scale, offset)):
             np.testing.assert_allclose(grad, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
@@ -105,20 +118,28 @@ def test_layer_norm_both_ways_is_the_plain_layer_norm():
     last = jax.random.normal(jax.random.PRNGKey(2), model.q.weights[-1].shape)  # not the zeros that predict 0
     model = eqx.tree_at(lambda m: m.q.weights[-1], model, last)
     obs, action = jax.random.normal(jax.random.PRNGKey(3), (64, OBS_DIM)), jnp.full((64, ACTION_DIM), 0.3)
-    logits = [ensemble_apply(m.q, jnp.concatenate([encode(m, obs), action], -1))
+    logits = [at_level_1(lambda m: ensemble_apply(m.q, jnp.concatenate([encode(m, obs), action], -1)))(m)
               for m in (model, for_acting(model, "float32", False))]
     np.testing.assert_allclose(logits[1], logits[0], rtol=1e-5, atol=1e-5 * np.abs(logits[0]).max())
 
 
-def test_simnorm_groups_sum_to_one():
-    x = jax.random.normal(jax.random.PRNGKey(0), (3, 64)) * 5
-    groups = simnorm(x, 8).reshape(3, 8, 8)
-    np.testing.assert_allclose(groups.sum(-1), 1.0, rtol=1e-5)
-    assert (groups >= 0).all()
+def test_simnorm_is_a_softmax_over_each_group():
+    """SimNorm against a plain per-group softmax in float64, on inputs whose groups differ in scale and offset."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 64)) * jnp.repeat(jnp.arange(1.0, 9.0), 8) + 2.0
+    groups = np.asarray(x, np.float64).reshape(3, 8, 8)
+    plain = np.exp(groups - groups.max(-1, keepdims=True))
+    plain = (plain / plain.sum(-1, keepdims=True)).reshape(3, 64)
+    np.testing.assert_allclose(simnorm(x, 8), plain, rtol=1e-5, atol=1e-7)
+    assert np.ptp(plain) > 0.5  # far from uniform
 
 
-def test_symlog_symexp_are_inverse():
+def test_symlog_symexp_are_the_signed_log1p_and_expm1():
+    """symlog(x) = sign(x) log(1 + |x|) and symexp its inverse, against hand values and numpy."""
+    e = np.e
+    np.testing.assert_allclose(symlog(jnp.array([e - 1, -(e**2 - 1), 0.0])), [1.0, -2.0, 0.0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(symexp(jnp.array([1.0, -2.0, 0.0])), [e - 1, -(e**2 - 1), 0.0], rtol=1e-6, atol=1e-7)
     x = jnp.array([-1e4, -3.7, -1e-3, 0.0, 2e-4, 1.0, 42.0, 1e4])
+    np.testing.assert_allclose(symlog(x), np.sign(x) * np.log1p(np.abs(x)), rtol=1e-6)
     np.testing.assert_allclose(symexp(symlog(x)), x, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(symlog(symexp(x[2:-1])), x[2:-1], rtol=1e-5, atol=1e-6)
 
@@ -138,13 +159,16 @@ def test_two_hot_round_trip_and_clipping():
 # World model and update
 
 
+@pytest.mark.slow
 def test_world_model_loss_drops_on_a_fixed_batch():
     args = TINY
     agent = spowl.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
     batch = random_batch(jax.random.PRNGKey(1), args)
+    # 150 updates run 3 times faster compiled at optimisation level 1 (16 s to compile, against 6 s at level 0).
+    update = jax.jit(spowl.update, static_argnums=3, compiler_options={"xla_backend_optimization_level": 1})
     losses = []
     for i in range(150):  # measured: the last 10 losses at 0.35 x the first (0.49 x after 100 updates, 0.22 x after 300)
-        agent, info = UPDATE(agent, batch, jax.random.PRNGKey(i), args)
+        agent, info = update(agent, batch, jax.random.PRNGKey(i), args)
         losses.append(float(info["model_loss"]))
     assert np.isfinite(losses).all()
     assert np.mean(losses[-10:]) <= 0.5 * losses[0], (losses[0], losses[-10:])
@@ -212,6 +236,38 @@ def test_no_loss_term_spans_an_episode_boundary():
     # ...while the same change on valid steps does change the loss.
     changed, _ = loss(batch._replace(reward=batch.reward + 3.0), q, qc)
     assert abs(float(changed) - float(base_total)) > 1e-4
+
+
+def test_td_targets_are_eq_6_with_the_terminal_mask():
+    """Eq. 6 against hand values: Q_t = r_t + gamma (1 - term_t) min(2 distinct target Q heads), Q^c_t = c_t + gamma_c
+    (1 - term_t) agg(all target Q^c heads).  Target Q head j predicts j + 1, so the min of two distinct heads is 1-4
+    (1 in 4 of 10 draws); Q^c head j predicts 2 + j: mean 4, min 2, max 6.  And `update` passes the batch's
+    terminations: with every step terminal its targets are the rewards and costs themselves."""
+    cfg = dataclasses.replace(HAND, q_subsample=2)  # gamma 0.9, gamma_c 0.6
+    target = (heads(lambda z, a, j, p: j + 1 + 0 * a[..., 0], cfg), heads(lambda z, a, j, p: 2 + j + 0 * a[..., 0], cfg))
+    h, b = 3, 2000
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    z_next, action_next = jnp.zeros((h, b, cfg.latent_dim)), jax.random.uniform(keys[0], (h, b, 1))
+    reward, cost = jax.random.normal(keys[1], (h, b)), jax.random.uniform(keys[2], (h, b))
+    terminated = (jnp.arange(b) % 4 == 0) * jnp.ones((h, 1))
+    alive = np.asarray(terminated) == 0
+    for agg, bootstrap in [("avg", 4.0), ("min", 2.0), ("max", 6.0)]:
+        q, qc = td_targets(target, z_next, action_next, reward, cost, terminated, keys[3],
+                           dataclasses.replace(cfg, cost_target_agg=agg))
+        np.testing.assert_allclose(qc, cost + 0.6 * bootstrap * alive, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(q)[~alive], np.asarray(reward)[~alive], rtol=1e-5, atol=1e-5)
+    low = np.round((np.asarray(q - reward)[alive]) / 0.9, 3)
+    np.testing.assert_allclose([np.mean(low == v) for v in range(1, 6)], [0.4, 0.3, 0.2, 0.1, 0.0], atol=0.02)
+
+    agent = spowl.init_agent(jax.random.PRNGKey(0), TINY, OBS_DIM, ACTION_DIM)
+    agent = agent._replace(target=(perturbed_model(TINY).q, perturbed_model(TINY).cost_value))  # nonzero targets
+    batch = random_batch(jax.random.PRNGKey(1), TINY)
+    for terminal in (0.0, 1.0):
+        _, info = UPDATE(agent, batch._replace(terminated=jnp.full_like(batch.reward, terminal)), jax.random.PRNGKey(2),
+                         TINY)
+        ended = np.isclose([info["q_target"], info["cost_value_target"]], [batch.reward.mean(), batch.cost.mean()],
+                           rtol=1e-5, atol=1e-6)
+        assert ended.all() == bool(terminal), (terminal, info["q_target"], info["cost_value_target"])
 
 
 def test_update_and_planner_do_not_retrace():
@@ -303,6 +359,52 @@ def test_augmented_lagrangian_matches_hand_computed_values():
     np.testing.assert_allclose([multiplier, penalty], [10.0, 1.0], rtol=1e-6)
 
 
+def test_policy_loss_adds_psi_whose_gradient_reaches_the_policy_through_its_actions():
+    """Eq. 7-10's wiring in the policy loss: the loss is the reward part plus Psi(Delta), and with lambda = 1 (mu
+    tiny) its gradient is the reward part's plus the gradient of Delta, which flows through the sampled actions into
+    pi (the cost-value heads depend on the action)."""
+    model, policy = perturbed_model(TINY), init_policy(jax.random.PRNGKey(1), TINY, ACTION_DIM)
+    latents = jax.random.uniform(jax.random.PRNGKey(2), (TINY.horizon + 1, TINY.batch_size, TINY.latent_dim))
+
+    def loss(policy, multiplier, safe=True):
+        return policy_loss(policy, model, latents, multiplier, 1e-8, 1.0, jax.random.PRNGKey(3), TINY, safe)
+
+    (total, info), with_psi = jax.value_and_grad(loss, has_aux=True)(policy, 1.0)
+    np.testing.assert_allclose(info["psi"], augmented_lagrangian(info["delta"], 1.0, 1e-8), rtol=1e-6)
+    np.testing.assert_allclose(total, info["reward_loss"] + info["psi"], rtol=1e-6)
+    assert abs(float(info["psi"])) > 1e-3
+    (unsafe_total, _), without = jax.value_and_grad(loss, has_aux=True)(policy, 1.0, False)
+    np.testing.assert_allclose(unsafe_total, info["reward_loss"], rtol=1e-6)
+    delta_grad = jax.grad(lambda p: loss(p, 1.0)[1]["delta"])(policy)
+    difference = jax.tree.map(lambda a, b: a - b, with_psi, without)
+    size = float(optax.tree.norm(delta_grad))
+    assert size > 1e-4  # Delta depends on the policy
+    for a, b in zip(jax.tree.leaves(difference), jax.tree.leaves(delta_grad)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * size)
+
+
+def test_update_steps_the_multipliers_and_only_for_safe_planners():
+    """Eq. 10 inside `update`: after the policy step, lambda <- clip(lambda + mu Delta, 0, lambda_max) with the Delta
+    of that step, and mu <- min(mu (1 + nu), mu_max) (that lambda takes the old mu is pinned by the test above); the
+    policy loss carries Psi of the old lambda and mu.  SPOWL and CCE do this; the unsafe TD-MPC2 baseline keeps
+    lambda and mu and has no Psi."""
+    agent = spowl.init_agent(jax.random.PRNGKey(0), TINY, OBS_DIM, ACTION_DIM)
+    agent = agent._replace(model=perturbed_model(TINY), multiplier=jnp.float32(0.5), penalty=jnp.float32(0.2))
+    batch = random_batch(jax.random.PRNGKey(1), TINY)
+    for planner in ("spowl", "cce", "tdmpc2"):
+        new, info = UPDATE(agent, batch, jax.random.PRNGKey(2), dataclasses.replace(TINY, planner=planner))
+        delta = float(info["delta"])
+        assert abs(delta) > 0.05, delta  # the multiplier moves by 0.2 Delta: a dropped or flipped step shows
+        if planner == "tdmpc2":
+            assert float(new.multiplier) == 0.5 and float(new.penalty) == np.float32(0.2) and info["psi"] == 0
+            np.testing.assert_allclose(info["policy_loss"], info["reward_loss"], rtol=1e-6)
+            continue
+        np.testing.assert_allclose(new.multiplier, np.clip(0.5 + 0.2 * delta, 0, TINY.lagrange_max), rtol=1e-6)
+        assert float(new.penalty) == np.float32(np.float32(0.2) * np.float32(1 + TINY.penalty_growth)) != 0.2
+        np.testing.assert_allclose(info["psi"], augmented_lagrangian(delta, 0.5, 0.2), rtol=1e-5)
+        np.testing.assert_allclose(info["policy_loss"], info["reward_loss"] + info["psi"], rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Planner: SelectElites (Alg. 1), safe planning and the switch (Alg. 2)
 
@@ -338,11 +440,13 @@ class Fixed(eqx.Module):
         return self.fn(x)
 
 
-class StackedHeads(eqx.Module):
-    """n fixed heads, head j computing the logits of fn(a, j); `weights` carries the head axis `ensemble_apply`
-    maps over."""
+class Heads(eqx.Module):
+    """A stand-in for a stacked ensemble on (z, a): head j predicts fn(z, a, j, p_j), as the logits of its two-hot
+    encoding; `index` (j) and `p` carry the head axis that `ensemble_apply` maps over.  `p` holds a number per head,
+    so that models differing only in it share a compiled program."""
 
     index: jax.Array
+    p: jax.Array
     fn: object = eqx.field(static=True)
     args: object = eqx.field(static=True)
 
@@ -351,17 +455,31 @@ class StackedHeads(eqx.Module):
         return [self.index]
 
     def __call__(self, x, key=None):
-        return jnp.log(two_hot(self.fn(x[..., -1], self.index), self.args) + 1e-30)
+        z, a = x[..., :self.args.latent_dim], x[..., self.args.latent_dim:]
+        return jnp.log(two_hot(self.fn(z, a, self.index, self.p), self.args) + 1e-30)
+
+
+def heads(fn, args, p=0.0):
+    """Five `Heads` computing fn(z, a, j, p)."""
+    return Heads(jnp.arange(5.0), jnp.full(5, p, jnp.float32), fn, args)
+
+
+def hand_model(args, reward, cost, q, cost_value, drift=0.0):
+    """A world model of hand-written functions: identity encoder; dynamics that add `drift` to the first latent
+    coordinate each step (so z_i[0] = z_0[0] + i drift); reward(z, a); and head j (0-4) of the cost, Q and Q^c
+    ensembles fn(z, a, j).  z is (..., L), a (..., A)."""
+    step = drift * jnp.eye(args.latent_dim)[0]
+    reward_logits = lambda x: Heads(jnp.zeros(()), jnp.zeros(()), lambda z, a, j, p: reward(z, a), args)(x)  # noqa: E731
+    ensemble = lambda fn: heads(lambda z, a, j, p: fn(z, a, j), args)  # noqa: E731
+    return WorldModel(encoder=Fixed(lambda obs: obs), dynamics=Fixed(lambda x: x[..., :args.latent_dim] + step),
+                      reward=Fixed(reward_logits), cost=ensemble(cost), q=ensemble(q), cost_value=ensemble(cost_value))
 
 
 def hand_built_model(args, reward, cost, q, cost_value):
-    """Identity encoder and dynamics; reward and cost are functions of the (one-dimensional) action, Q and Q^c of the
-    action and the head index j."""
-    heads = lambda fn: StackedHeads(jnp.arange(5.0), fn, args)  # noqa: E731
-    reward_logits = lambda x: jnp.log(two_hot(reward(x[..., -1]), args) + 1e-30)  # noqa: E731
-    return WorldModel(encoder=Fixed(lambda obs: obs), dynamics=Fixed(lambda x: x[..., :args.latent_dim]),
-                      reward=Fixed(reward_logits), cost=heads(lambda a, j: cost(a)), q=heads(q),
-                      cost_value=heads(cost_value))
+    """`hand_model` with a constant latent, and reward and cost of the (one-dimensional) action a, Q and Q^c of a and
+    the head index j."""
+    return hand_model(args, lambda z, a: reward(a[..., 0]), lambda z, a, j: cost(a[..., 0]),
+                      lambda z, a, j: q(a[..., 0], j), lambda z, a, j: cost_value(a[..., 0], j))
 
 
 def zero_policy(args):
@@ -369,11 +487,146 @@ def zero_policy(args):
     return jax.tree.map(jnp.zeros_like, init_policy(jax.random.PRNGKey(0), args, 1))
 
 
-def plan_actions(model, args, num_envs=8, key=0):
+def pinned_policy(args, action):
+    """A policy whose samples are `action` (within 1e-4) everywhere: zero weights, and output biases that give mean
+    atanh(action) and the lowest log-std (-10)."""
+    policy = zero_policy(args)
+    return eqx.tree_at(lambda p: p.biases[-1], policy, jnp.array([np.arctanh(action), -30.0]))
+
+
+def plan_actions(model, args, num_envs=8, key=0, policy=None):
+    """Eval-mode actions and diagnostics of `act` for `num_envs` envs at z = 0."""
     obs = jnp.zeros((num_envs, args.latent_dim))
     mean = jnp.zeros((num_envs, args.horizon, 1))
-    action, _, info = act(model, zero_policy(args), obs, mean, jax.random.PRNGKey(key), args, eval_mode=True)
+    policy = zero_policy(args) if policy is None else policy
+    action, _, info = ACT(model, policy, obs, mean, jax.random.PRNGKey(key), args, True)
     return np.asarray(action[:, 0]), {name: np.asarray(x) for name, x in info.items()}
+
+
+# Eq. 11 by hand, for the model below from z_0 = 0 (so z_i[0] = i) and a policy pinned at 0.4 (also the action at z_H):
+# J = sum_i g^i (a_i + 0.1 i) + g^H mean_j Q_j(z_H, 0.4),   Q_j = z[0] + j + a    -> at z_H: 3 + 2 + 0.4 = 5.4
+# J_c = sum_i gc^i agg_j C_j(a_i) + gc^H mean_j Q^c_j(z_H, 0.4),   C_j = (j + 1)(1 - a) / 10: mean 0.3 (1 - a),
+#   max 0.5 (1 - a);   Q^c_j = 0.5 z[0] + 0.2 j + 0.5 a   -> at z_H: 1.5 + 0.4 + 0.2 = 2.1
+# with gamma 0.9 and gamma_c 0.6 (unequal, so a swap shows), and every Q head averaged (q_subsample = 5).
+HAND = dataclasses.replace(TINY, gamma=0.9, cost_gamma=0.6, q_subsample=5)
+HAND_POLICY_ACTION = 0.4
+
+
+@functools.cache  # one model (its functions static) per config: planning calls with the same config share a program
+def hand_ensembles(args=HAND):
+    return hand_model(args, reward=lambda z, a: a[..., 0] + 0.1 * z[..., 0],
+                      cost=lambda z, a, j: (j + 1) * (1 - a[..., 0]) / 10,
+                      q=lambda z, a, j: z[..., 0] + j + a[..., 0],
+                      cost_value=lambda z, a, j: 0.5 * z[..., 0] + 0.2 * j + 0.5 * a[..., 0], drift=1.0)
+
+
+def hand_estimates(actions, cost_agg="mean"):
+    """J, J_c of Eq. 11 for the model of `hand_ensembles` by hand, in float64: actions (H, N) -> (N,), (N,)."""
+    a = np.asarray(actions, np.float64)
+    i = np.arange(a.shape[0])[:, None]
+    immediate_cost = {"mean": 0.3, "max": 0.5}[cost_agg] * (1 - a)
+    horizon = a.shape[0]
+    return ((0.9**i * (a + 0.1 * i)).sum(0) + 0.9**horizon * 5.4,
+            (0.6**i * immediate_cost).sum(0) + 0.6**horizon * 2.1)
+
+
+def test_estimate_value_is_eq_11_by_hand():
+    """J and J_c (Eq. 11) against the hand computation above: rewards that change along the horizon, cost heads that
+    disagree (their mean, as the authors' code, and their max, as the paper), gamma for J and gamma_c for J_c, and the
+    bootstrap from the value heads at z_H with the policy's action there; CCE's local estimate is the undiscounted sum
+    of max-over-heads immediate costs with no bootstrap, its global one SPOWL's J_c, and TD-MPC2 has no J_c."""
+    actions = jax.random.uniform(jax.random.PRNGKey(0), (HAND.horizon, 6, 1), minval=-1, maxval=1)
+    policy, model, z = pinned_policy(HAND, HAND_POLICY_ACTION), hand_ensembles(), jnp.zeros(HAND.latent_dim)
+    value, mean_cost = hand_estimates(actions[..., 0])
+    _, max_cost = hand_estimates(actions[..., 0], "max")
+    local_cost = (0.5 * (1 - np.asarray(actions[..., 0], np.float64))).sum(0)
+    for fields, cost_value in [({}, mean_cost), ({"plan_cost_agg": "max"}, max_cost),
+                               ({"planner": "cce"}, local_cost), ({"planner": "cce", "cce_estimate": "global"}, mean_cost),
+                               ({"planner": "tdmpc2"}, 0 * value)]:
+        cfg = dataclasses.replace(HAND, **fields)
+        ours = jax.jit(estimate_value, static_argnums=5)(model, policy, z, actions, jax.random.PRNGKey(1), cfg)
+        np.testing.assert_allclose(ours[0], value, rtol=1e-4, atol=1e-4, err_msg=str(fields))
+        np.testing.assert_allclose(ours[1], cost_value, rtol=1e-4, atol=1e-4, err_msg=str(fields))
+
+
+def test_value_heads_are_drawn_without_replacement_for_every_sample():
+    """`aggregate`: `num` distinct heads drawn afresh for every sample, then their min, max or mean; all heads when
+    `num` is the ensemble size.  Head j's value is j + 1, so the min of 2 distinct heads is 1-4 with probabilities
+    4, 3, 2, 1 in 10, and the mean of 2 is the mean of a pair."""
+    values = jnp.broadcast_to(jnp.arange(1.0, 6.0)[:, None], (5, 20_000))
+    key = jax.random.PRNGKey(0)
+    low = np.asarray(aggregate(values, key, 2, "min"))
+    np.testing.assert_allclose([np.mean(low == v) for v in range(1, 6)], [0.4, 0.3, 0.2, 0.1, 0.0], atol=0.015)
+    pair_means = {(i + j) / 2 for i in range(1, 6) for j in range(i + 1, 6)}
+    average = np.asarray(aggregate(values, key, 2, "avg"))
+    assert set(np.unique(average)) == pair_means
+    high = np.asarray(aggregate(values, key, 3, "max"))
+    np.testing.assert_allclose([np.mean(high == v) for v in range(1, 6)], [0, 0, 0.1, 0.3, 0.6], atol=0.015)
+    for how, expected in [("min", 1.0), ("max", 5.0), ("avg", 3.0)]:
+        np.testing.assert_array_equal(aggregate(values, key, 5, how), expected)
+
+
+def test_bootstrap_interval_is_the_percentile_interval_of_resampled_ensemble_means():
+    """The switch's bounds: the 2.5 and 97.5 percentiles of the means of resamples with replacement of the ensemble's
+    values, against the exact distribution of such means (all 5^5 equally likely resamples)."""
+    values = np.array([0.3, 1.7, 2.2, 5.9, 8.1])
+    resamples = np.stack(np.meshgrid(*[values] * 5, indexing="ij"), -1).reshape(-1, 5).mean(-1)
+    exact = np.percentile(resamples, [2.5, 97.5])
+    cfg = dataclasses.replace(TINY, ci_resamples=20_000)
+    low, high = bootstrap_interval(jnp.asarray(values, jnp.float32), jax.random.PRNGKey(0), cfg)
+    np.testing.assert_allclose([low, high], exact, atol=0.1)  # the 5 / 95 percentiles lie 0.4 inside
+
+
+def test_mppi_refit_is_the_weighted_mean_and_clipped_std_of_the_elites():
+    """MPPI's refit against a plain computation: weights exp(temperature (score - max)) over the elites only,
+    normalised; the weighted mean and standard deviation of their actions, the std clipped to [min_std, max_std]."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    actions = jax.random.uniform(keys[0], (3, 10, 2), minval=-1, maxval=1)
+    actions = actions * jnp.array([1.0, 0.02, 1.0])[:, None, None]  # spreads above, below and inside [0.05, 0.5]
+    score = jax.random.normal(keys[1], (10,))
+    elites = jnp.arange(10) % 3 != 1
+    cfg = dataclasses.replace(TINY, temperature=0.7, min_std=0.05, max_std=0.5)
+    mean, std, weights = refit(actions, score, elites, cfg)
+
+    a, s, e = (np.asarray(x, np.float64) for x in (actions, score, elites))
+    w = np.where(e, np.exp(0.7 * (s - s[e > 0].max())), 0.0)
+    w /= w.sum()
+    plain_mean = np.einsum("n,hna->ha", w, a)
+    plain_std = np.sqrt(np.einsum("n,hna->ha", w, (a - plain_mean[:, None]) ** 2))
+    assert (plain_std < 0.05).any() and (plain_std > 0.5).any() and ((plain_std > 0.05) & (plain_std < 0.5)).any()
+    np.testing.assert_allclose(weights, w, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(mean, plain_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std, np.clip(plain_std, 0.05, 0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_planner_warm_starts_from_last_steps_mean_shifted_one_step():
+    """The first iteration samples around last step's plan mean shifted by one step, a zero appended.  With a tiny
+    sampling std and TD-MPC2's top-k keeping exactly the sampled sequences (the policy prior, pinned at -0.9, scores
+    lowest), the plan mean and the executed first action stay at the warm start."""
+    cfg = dataclasses.replace(TINY, planner="tdmpc2", act="plan", min_std=0.01, max_std=0.01, iterations=2,
+                              num_elites=TINY.num_samples - TINY.num_pi_trajs)
+    model = hand_built_model(cfg, reward=lambda a: a, cost=lambda a: 0 * a, q=lambda a, j: 0 * a,
+                             cost_value=lambda a, j: 0 * a)
+    previous = jnp.array([[0.3], [0.5], [0.7]])
+    action, mean, _ = plan(model, pinned_policy(cfg, -0.9), jnp.zeros(cfg.latent_dim), previous, 0.0, 0.0,
+                           jax.random.PRNGKey(0), cfg, eval_mode=True)
+    np.testing.assert_allclose(mean[:, 0], [0.5, 0.7, 0.0], atol=0.02)
+    np.testing.assert_allclose(action, [0.5], atol=0.05)
+
+
+def test_cce_keeps_the_feasible_top_k_or_falls_back_to_the_k_lowest_cost_value():
+    """CCE (Sec. 5.1): with at least k sequences of J_c strictly below d_plan, the top-k by J among them, scored by J;
+    with fewer, the k lowest J_c, scored by -J_c."""
+    value = jnp.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    cost_value = jnp.array([0.5, 0.1, 0.05, 0.0, 0.3, 0.02])
+    elites, score = select_cce(value, cost_value, 0.1, 3)  # feasible: {2, 3, 5} (J_c = 0.1 is not below 0.1)
+    assert np.flatnonzero(elites).tolist() == [2, 3, 5]
+    np.testing.assert_array_equal(score, value)
+    elites, score = select_cce(value, cost_value, 0.1, 2)  # the top 2 by J of the three
+    assert np.flatnonzero(elites).tolist() == [2, 3]
+    elites, score = select_cce(value, cost_value, 0.04, 3)  # feasible: {3, 5}, fewer than 3
+    assert np.flatnonzero(elites).tolist() == [2, 3, 5]  # the three lowest J_c: 0.0, 0.02, 0.05
+    np.testing.assert_array_equal(score, -cost_value)
 
 
 def test_safe_planner_avoids_a_high_reward_high_cost_action_that_tdmpc2_takes():
@@ -389,15 +642,20 @@ def test_safe_planner_avoids_a_high_reward_high_cost_action_that_tdmpc2_takes():
     assert (cce <= 0.5).all(), cce
 
 
+def linear_in_action(z, a, j, slope):
+    return slope * a[..., 0] + (j - 2.0)
+
+
 def test_switch_rejects_plans_worse_than_the_policy_action():
     """Head j of Q / Q^c is slope * a + offset_j, offsets (-2..2): the policy action (~0) has ensemble mean 0 and a
     bootstrap interval of about +-1.2; the planner (reward = a) proposes a ~ 1."""
-    offsets = lambda j: (j - 2.0)  # noqa: E731
     args = dataclasses.replace(TINY, num_samples=64, num_elites=8, iterations=3, q_subsample=5, act="switch")
+    plain = hand_built_model(args, reward=lambda a: a, cost=lambda a: 0 * a, q=lambda a, j: 0 * a,
+                             cost_value=lambda a, j: 0 * a)
 
     def used_plan(q_slope, c_slope, rule):
-        model = hand_built_model(args, reward=lambda a: a, cost=lambda a: 0 * a,
-                                 q=lambda a, j: q_slope * a + offsets(j), cost_value=lambda a, j: c_slope * a + offsets(j))
+        model = eqx.tree_at(lambda m: (m.q, m.cost_value), plain,
+                            (heads(linear_in_action, args, q_slope), heads(linear_in_action, args, c_slope)))
         action, info = plan_actions(model, dataclasses.replace(args, switch_rule=rule))
         used = info["used_plan"]
         assert (action[used] > 0.2).all() and (np.abs(action[~used]) < 0.1).all(), action  # plan or policy action
@@ -414,17 +672,37 @@ def test_switch_rejects_plans_worse_than_the_policy_action():
     assert used_plan(0.2, -0.2, "mean").all()
 
 
-def test_planner_reports_its_last_iteration_and_the_switch_bounds():
-    """The diagnostics behind plan/* and switch/*: per env, from the planner's last iteration and the switch."""
-    args = dataclasses.replace(TINY, num_samples=64, num_elites=8, iterations=3, act="switch")
-    flat = lambda a, j: 0 * a  # noqa: E731  every Q and Q^c head predicts 0
-    # Rewards grow with the action: sequences beat the prior (J ~ 0, so d_R ~ 0), more than k of them.
-    _, info = plan_actions(hand_built_model(args, reward=lambda a: a, cost=lambda a: 0 * a, q=flat, cost_value=flat),
-                           args)
+def exact_bootstrap_interval(values):
+    """The 2.5 and 97.5 percentiles of the means of all len(values)^len(values) resamples with replacement."""
+    n = len(values)
+    return np.percentile(np.stack(np.meshgrid(*[values] * n, indexing="ij"), -1).reshape(-1, n).mean(-1), [2.5, 97.5])
+
+
+def test_planner_reports_its_thresholds_last_iteration_and_the_switch_bounds():
+    """The diagnostics behind plan/* and switch/*, per env, on the hand-built ensembles of `hand_ensembles` (heads
+    that disagree, nonzero costs, a policy prior pinned at 0.4): the thresholds of Eq. 12 are the prior's mean J and
+    J_c by hand; the switch's bounds are the bootstrap interval's ends for the policy action's heads; and with
+    --ci-thresholds the thresholds are those bounds."""
+    args = dataclasses.replace(HAND, num_samples=64, num_elites=8, iterations=3, act="switch", ci_resamples=4000)
+    policy = pinned_policy(args, HAND_POLICY_ACTION)
+    # J grows with the action and J_c falls: sequences beat the prior in both, more than k of them.
+    _, info = plan_actions(hand_ensembles(args), args, policy=policy)
     assert set(info) == {"used_plan", "elites", "no_improvement", "d_reward", "d_cost", "q_low", "qc_high"}
     assert not info["no_improvement"].any() and (info["elites"] == args.num_elites).all()
-    for name in ["d_reward", "d_cost", "q_low", "qc_high"]:
-        np.testing.assert_allclose(info[name], 0.0, atol=0.1, err_msg=name)
+    d_reward, d_cost = hand_estimates(np.full((args.horizon, 1), HAND_POLICY_ACTION))
+    np.testing.assert_allclose(info["d_reward"], d_reward[0], rtol=1e-4)
+    np.testing.assert_allclose(info["d_cost"], d_cost[0], rtol=1e-4)
+    # At z = 0 and the policy's eval action 0.4: Q heads j + 0.4, Q^c heads 0.2 j + 0.2.
+    q_low, _ = exact_bootstrap_interval(np.arange(5) + 0.4)
+    _, qc_high = exact_bootstrap_interval(0.2 * np.arange(5) + 0.2)
+    np.testing.assert_allclose(info["q_low"], q_low, atol=0.21)  # resampled means lie 0.2 apart
+    np.testing.assert_allclose(info["qc_high"], qc_high, atol=0.05)  # and these 0.04
+    assert (info["q_low"] < 2.4 - 0.5).all() and (info["qc_high"] > 0.6 + 0.1).all()
+    _, info = plan_actions(hand_ensembles(args), dataclasses.replace(args, ci_thresholds=True), policy=policy)
+    np.testing.assert_array_equal(info["d_reward"], info["q_low"])
+    np.testing.assert_array_equal(info["d_cost"], info["qc_high"])
+
+    flat = lambda a, j: 0 * a  # noqa: E731  every Q and Q^c head predicts 0
     # Every reward is -1, so no sequence reaches the policy action's value bound (--ci-thresholds): the fallback.
     hopeless = hand_built_model(args, reward=lambda a: 0 * a - 1, cost=lambda a: 0 * a, q=flat, cost_value=flat)
     _, info = plan_actions(hopeless, dataclasses.replace(args, ci_thresholds=True))
@@ -582,6 +860,7 @@ def read_rows(run_dir):
     return read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_path):
     """A short 2-seed PointGoal1 run at a tiny size that plans and updates; the same run with the seeds sharded over
     2 (forced host) devices gives the same rows, up to float rounding once it learns; a resume continues both seeds.
@@ -729,19 +1008,24 @@ def error_lines(stderr):
 
 # Smaller programs, quicker to compile: no planning, a horizon of 1, one update per vector step.
 FAST_FLAGS = [*TINY_FLAGS, "--act", "policy", "--horizon", "1", "--utd-ratio", "0.5"]
-PURE_FAULT_FLAGS = ["--env-id", jax_env.ENV_ID, "--num-envs", "2", "--total-timesteps", "500", "--learning-starts",
-                    "100", "--log-every", "100", "--eval-every", "300", "--checkpoint-every", "200", "--eval-episodes",
-                    "2", "--buffer-size", "300000", *FAST_FLAGS]  # a 46 MB checkpoint, so its write takes a while
+# The pure-JAX fault runs plan and switch (Alg. 2) at the default horizon with 2 seeds vmapped, so the resume below must
+# restore the planner's warm start and every seed's state.  Their 2 x 150,000-entry buffers make a 46 MB checkpoint,
+# whose write takes a while.
+PURE_FAULT_FLAGS = ["--env-id", jax_env.ENV_ID, "--num-seeds", "2", "--num-envs", "2", "--total-timesteps", "500",
+                    "--learning-starts", "100", "--log-every", "100", "--eval-every", "300", "--checkpoint-every", "200",
+                    "--eval-episodes", "2", "--buffer-size", "150000", *TINY_FLAGS, "--utd-ratio", "0.5"]
 
 
+@pytest.mark.slow
 def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_path):
-    """On the pure-JAX env, five runs of the same command (so the same compiled program) and one diverging run:
+    """On the pure-JAX env, five runs of the same command (so the same compiled program) and one diverging run, each of
+    2 seeds that plan and switch:
 
     - reference: runs to the end, with an evaluation at step 300 beside training (no checkpoint there) and one at
       the end;
     - killed: kill -9 while checkpoint.npz.tmp of step 400 is being written: checkpoint.npz stays the one of step
       200; its rows up to the kill equal the reference's (the same command twice), and after --resume all of them do
-      (metrics.jsonl cut back to step 200, then run again);
+      (metrics.jsonl cut back to step 200, then run again): losses, planner diagnostics and evaluations, both seeds;
     - terminated: SIGTERM to the trainer alone after the checkpoint of step 200: stops at the next round boundary with
       a checkpoint there (that of step 200 if no round began since), exit 128 + 15 and one line saying how to resume;
     - full disk: a file-size limit (RLIMIT_FSIZE) of 1 MB set on the running trainer after the checkpoint of step 200:
@@ -795,9 +1079,12 @@ def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_
 
     reference_rows, killed_rows = untimed(run_dirs["reference"]), untimed(run_dirs["killed"])
     # The evaluation of step 300, with no checkpoint there, ran beside the next rounds and its row came before 400's.
-    assert [r["global_step"] for r in reference_rows if "eval/return_mean" in r] == [300, 500]
-    assert [r["global_step"] for r in killed_rows] == [100, 200, 300, 400]  # the kill came after the rows of 400
-    assert killed_rows == reference_rows[:4]  # the same command twice: the same rows
+    assert [(r["global_step"], r["seed"]) for r in reference_rows if "eval/return_mean" in r] == [
+        (300, 1), (300, 2), (500, 1), (500, 2)]
+    # The kill came after the rows of 400, a row per seed.
+    assert [(r["global_step"], r["seed"]) for r in killed_rows] == [(step, seed) for step in (100, 200, 300, 400)
+                                                                   for seed in (1, 2)]
+    assert killed_rows == reference_rows[:8]  # the same command twice: the same rows
     resumed = subprocess.run([sys.executable, "spowl.py", "--resume", str(run_dirs["killed"])], cwd=REPO_DIR, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -849,6 +1136,7 @@ def workers(trainer):
     return sorted(children)
 
 
+@pytest.mark.slow
 def test_safety_gymnasium_kill_9_of_the_trainer_or_a_worker_and_sigint_to_the_process_group(tmp_path):
     """Four Safety-Gymnasium runs of 1 training and 1 eval env worker, each in a session (process group) of its own,
     hit after their first checkpoint:
@@ -974,16 +1262,14 @@ def test_a_worker_that_raises_is_named_and_the_others_are_stopped():
     assert not any(process.is_alive() for process in workers.processes)
 
 
-def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
-    existing = tmp_path / "existing"
-    existing.mkdir()
-    (existing / "metrics.jsonl").write_text("keep me\n")
+def test_bad_input_is_refused_before_anything_starts(tmp_path):
+    """Each bad flag raises a ValueError naming it, from the config alone (`spowl.configure`, which `main` turns into
+    one line: see the next test), and nothing is written."""
     old_format = tmp_path / "old_format"  # a run directory whose checkpoint has no format version
     old_format.mkdir()
     (old_format / "config.json").write_text(json.dumps(dataclasses.asdict(spowl.Args(env_id=jax_env.ENV_ID))))
     np.savez(old_format / "checkpoint.npz", np.zeros(3), counters="{}")
     cases = [
-        (["--env-id", "Foo-v0"], "--env-id"),
         (["--env-id", "SafetyPointGoal1Vision-v0"], "--env-id"),
         (["--num-envs", "0"], "--num-envs"),
         (["--total-timesteps", "-5"], "--total-timesteps"),
@@ -992,9 +1278,25 @@ def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
         (["--num-seeds", "3", "--max-env-workers", "50"], "--max-env-workers"),
         (["--resume", str(tmp_path / "missing")], "--resume"),
         (["--resume", str(old_format), "--log-dir", str(old_format)], "format version"),
+        (["--ci-thresholds", "--switch-rule", "mean"], "--ci-thresholds"),
+    ]
+    for flags, name in cases:
+        if "--log-dir" not in flags:
+            flags = [*flags, "--log-dir", str(tmp_path / "new")]
+        with pytest.raises(ValueError, match=re.escape(name)):
+            spowl.configure(flags)
+    assert sorted(os.listdir(tmp_path)) == ["old_format"] and len(os.listdir(old_format)) == 2  # nothing started
+
+
+def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
+    """As a script: exit non-zero with one `error:` line naming the flag, no traceback, and an existing run untouched."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "metrics.jsonl").write_text("keep me\n")
+    cases = [
+        (["--env-id", "Foo-v0"], "--env-id"),
         (["--log-dir", str(existing)], "--log-dir"),
         (["--env-id", "JaxPointGoal1-v0", "--capture-video"], "--capture-video"),
-        (["--ci-thresholds", "--switch-rule", "mean"], "--ci-thresholds"),
     ]
     for flags, name in cases:
         result = spowl_cli(*flags, "--log-dir", str(tmp_path / "new"), timeout=120) if "--log-dir" not in flags \
@@ -1030,6 +1332,7 @@ def test_tdmpc2_alone_is_the_plan_only_baseline_and_resumes_as_such(tmp_path):
 # The training loop
 
 
+@pytest.mark.slow
 def test_rounds_side_by_side_give_the_runner_of_rounds_in_turn_with_every_update_made_once():
     """The training loop's rounds with the learner on its own thread, and the same rounds with actor and learner
     called one after the other, give the same runner, bit for bit, across random steps, planning + gradient updates
@@ -1128,6 +1431,7 @@ def final_eval(run_dir):
     return np.mean([r["eval/return_mean"] for r in rows]), np.mean([r["eval/cost_mean"] for r in rows])
 
 
+@pytest.mark.slow
 def test_learn_spowl_is_safer_than_unsafe_tdmpc2(tmp_path):
     """SPOWL vs the same run with `--planner tdmpc2` (plan only, no cost anywhere), both from scratch in parallel.
 
@@ -1209,7 +1513,7 @@ def report_cli(*flags):
         sys.argv = argv
 
 
-def test_report_table_groups_duplicates_broken_dirs_and_figures(tmp_path, capsys):
+def test_report_table_groups_duplicates_broken_dirs_and_figures(tmp_path, capsys, monkeypatch):
     runs = tmp_path / "runs"
     task = "SafetyPointGoal1-v0"
     # SPOWL in the paper's setting: seeds 1-2 in one --num-seeds run, seed 3 in a run with other intervals and budget
@@ -1226,6 +1530,8 @@ def test_report_table_groups_duplicates_broken_dirs_and_figures(tmp_path, capsys
     before = sorted(str(p) for p in runs.rglob("*"))
 
     out = tmp_path / "out"
+    figures, close = [], report.plt.close  # the figures report.py draws, kept open to read back what they show
+    monkeypatch.setattr(report.plt, "close", figures.append)
     report_cli(str(runs), "--out", str(out))
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 2, warnings
@@ -1246,7 +1552,23 @@ def test_report_table_groups_duplicates_broken_dirs_and_figures(tmp_path, capsys
         in table
     assert f"| {task} | SPOWL [b] | 10.0 ± 0.0 | 26.9 ± 0.4 |" in table
     assert "- [b] `--lr 0.001`" in table and "broken" not in table
+    # The figure: per group, the mean over seeds at the eval steps all its seeds share (2000 and 4000: seed 3's run
+    # evaluated at 0.0 return and 9.0 cost at 4000 and finished at 6000), and the paper's values dashed, once per method.
+    [figure] = figures
     assert (out / f"{task}.png").stat().st_size > 10_000
+    for ax, k, ylabel in zip(figure.axes, (0, 1), ("eval return per episode", "eval cost per episode")):
+        assert ax.get_xlabel() == "raw env steps" and ax.get_ylabel() == ylabel
+        lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines}
+        expected = {"SPOWL [a], 3 seeds": [[0.0, 44 / 3], [9.0, 4.0]], "SPOWL [b], 1 seed": [[0.0, 10.0], [9.0, 4.0]],
+                    "TD-MPC2 [a], 1 seed": [[0.0, 25.0], [9.0, 50.0]]}
+        paper = {"SPOWL, paper at 5M steps": [26.9, 1.5], "TD-MPC2, paper at 5M steps": [27.5, 52.3]}
+        assert set(lines) == set(expected) | set(paper)
+        for label, values in expected.items():
+            assert lines[label][0] == [2000, 4000], label
+            np.testing.assert_allclose(lines[label][1], values[k], err_msg=label)
+        for label, values in paper.items():
+            np.testing.assert_allclose(lines[label][1], values[k], err_msg=label)
+    close(figure)
 
 
 def test_results_md_is_what_report_writes_from_the_committed_runs(monkeypatch):
