@@ -1105,11 +1105,13 @@ def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # The JAX env's state is in the checkpoint, so the resumed run is the uninterrupted one, row for row.
     assert untimed(run_dirs["killed"]) == reference_rows
-    # TensorBoard hides the killed launch's events after the checkpoint: the resumed launch's event file opens with
-    # a session start at step 201, which purges every earlier event of step 201 or later.
-    first, second = sorted(run_dirs["killed"].glob("events.out.tfevents.*"), key=os.path.getmtime)
-    assert not any(e.HasField("session_log") for e in tensorboard_events(first))
-    assert [e.step for e in tensorboard_events(second) if e.session_log.status == e.session_log.START] == [201]
+    # TensorBoard hides the killed launch's events after the checkpoint: in each seed's folder, the resumed launch's
+    # event file opens with a session start at step 201, which purges every earlier event of step 201 or later.
+    for seed in (1, 2):
+        first, second = sorted((run_dirs["killed"] / f"seed_{seed}").glob("events.out.tfevents.*"),
+                               key=os.path.getmtime)
+        assert not any(e.HasField("session_log") for e in tensorboard_events(first))
+        assert [e.step for e in tensorboard_events(second) if e.session_log.status == e.session_log.START] == [201]
     assert checkpoint_step(run_dirs["killed"]) == 500 and not tmp("killed").exists()
 
     # SIGTERM: a checkpoint at the round boundary after the signal, and how to continue.
