@@ -1,8 +1,8 @@
 """Tests of SPOWL: the math, the components against the paper's equations and algorithms, and the training loop.
 
-    pytest -q -m "not slow" test_spowl.py   # the unit tests: the development loop (under 2 minutes on 2 cores)
-    pytest -q test_spowl.py                 # everything, with whole runs, faults and the learning test (CI)
-    pytest -q test_spowl.py -k learn        # only the learning test on the pure-JAX env
+    pytest -q -m "not slow" -n 2 --dist loadgroup test_spowl.py   # unit tests on both cores: the development loop
+    pytest -q -m slow test_spowl.py                               # whole runs, faults and learning, one at a time
+    pytest -q test_spowl.py -k learn                              # only the learning test on the pure-JAX env
 
 Each equation is checked against a hand computation or a plain implementation, on inputs where a mistake shows:
 ensembles whose heads disagree, nonzero costs, terminal steps, gamma != gamma_c.
