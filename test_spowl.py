@@ -248,7 +248,8 @@ def test_td_targets_are_eq_6_with_the_terminal_mask():
     (1 in 4 of 10 draws); Q^c head j predicts 2 + j: mean 4, min 2, max 6.  And `update` passes the batch's
     terminations: with every step terminal its targets are the rewards and costs themselves."""
     cfg = dataclasses.replace(HAND, q_subsample=2)  # gamma 0.9, gamma_c 0.6
-    target = (heads(lambda z, a, j, p: j + 1 + 0 * a[..., 0], cfg), heads(lambda z, a, j, p: 2 + j + 0 * a[..., 0], cfg))
+    target = (heads(lambda z, a, j, p: j + 1 + 0 * a[..., 0], cfg),
+              heads(lambda z, a, j, p: 2 + j + 0 * a[..., 0], cfg))
     h, b = 3, 2000
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
     z_next, action_next = jnp.zeros((h, b, cfg.latent_dim)), jax.random.uniform(keys[0], (h, b, 1))
@@ -547,7 +548,8 @@ def test_estimate_value_is_eq_11_by_hand():
     _, max_cost = hand_estimates(actions[..., 0], "max")
     local_cost = (0.5 * (1 - np.asarray(actions[..., 0], np.float64))).sum(0)
     for fields, cost_value in [({}, mean_cost), ({"plan_cost_agg": "max"}, max_cost),
-                               ({"planner": "cce"}, local_cost), ({"planner": "cce", "cce_estimate": "global"}, mean_cost),
+                               ({"planner": "cce"}, local_cost),
+                               ({"planner": "cce", "cce_estimate": "global"}, mean_cost),
                                ({"planner": "tdmpc2"}, 0 * value)]:
         cfg = dataclasses.replace(HAND, **fields)
         ours = jax.jit(estimate_value, static_argnums=5)(model, policy, z, actions, jax.random.PRNGKey(1), cfg)
@@ -1027,8 +1029,8 @@ FAST_FLAGS = [*TINY_FLAGS, "--act", "policy", "--horizon", "1", "--utd-ratio", "
 # restore the planner's warm start and every seed's state.  Their 2 x 150,000-entry buffers make a 46 MB checkpoint,
 # whose write takes a while.
 PURE_FAULT_FLAGS = ["--env-id", jax_env.ENV_ID, "--num-seeds", "2", "--num-envs", "2", "--total-timesteps", "500",
-                    "--learning-starts", "100", "--log-every", "100", "--eval-every", "300", "--checkpoint-every", "200",
-                    "--eval-episodes", "2", "--buffer-size", "150000", *TINY_FLAGS, "--utd-ratio", "0.5"]
+                    "--learning-starts", "100", "--log-every", "100", "--eval-every", "300", "--checkpoint-every",
+                    "200", "--eval-episodes", "2", "--buffer-size", "150000", *TINY_FLAGS, "--utd-ratio", "0.5"]
 
 
 @pytest.mark.slow
@@ -1306,7 +1308,8 @@ def test_bad_input_is_refused_before_anything_starts(tmp_path):
 
 
 def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
-    """As a script: exit non-zero with one `error:` line naming the flag, no traceback, and an existing run untouched."""
+    """As a script: exit non-zero with one `error:` line naming the flag, no traceback, and an existing run left as it
+    was."""
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "metrics.jsonl").write_text("keep me\n")
@@ -1421,7 +1424,7 @@ LEARN_FLAGS = ["--env-id", jax_env.ENV_ID, "--num-seeds", str(LEARN_SEEDS), "--t
                "--no-progress-bar"]
 SAFE_FLAGS = ["--lagrange-init", "0.25", "--penalty-init", "1e-8", "--penalty-growth", "0"]
 # Bars on the mean over the 3 seeds of the last evaluation, set from the recorded runs in the test's docstring.
-RETURN_BAR, COST_BAR = 10.0, 12.5
+RETURN_BAR, COST_BAR = 10.0, 12.0
 
 
 def random_policy_eval(num_episodes=256, key=0):
@@ -1453,10 +1456,48 @@ def final_eval(run_dir):
 
 @pytest.mark.slow
 def test_learn_spowl_earns_most_of_the_unsafe_baselines_return_at_a_fraction_of_its_cost(tmp_path):
-    """SPOWL from scratch, 3 seeds: the mean over seeds of the last eval return is at least RETURN_BAR and of the eval
-    cost at most COST_BAR.  The bars sit between recorded runs of SPOWL and of what the test must catch.
+    """SPOWL from scratch, 3 seeds: the mean over seeds of the last eval return is at least RETURN_BAR (10) and of the
+    eval cost at most COST_BAR (12).  The bars sit between recorded runs of SPOWL and of what the test must catch.
 
-    DRAWS_TABLE
+    Recorded draws, `python spowl.py <LEARN_FLAGS> <SAFE_FLAGS> --seed S` (seeds S to S+2 in one run), on this
+    project's 2-core CPU at f508b1d (the code the test runs since); eval return / cost per seed, then the mean:
+        seeds  1-3   23.9 / 11.3   18.3 /  4.0   12.2 / 16.6   mean 18.1 / 10.6   (16 eval episodes)
+        seeds  4-6   16.7 /  3.4   20.6 /  5.5   18.9 /  3.8   mean 18.7 /  4.2
+        seeds  7-9   20.7 /  5.8   16.0 /  7.9   15.9 /  2.7   mean 17.5 /  5.5
+        seeds 10-12  20.9 /  7.7   22.3 / 11.4   17.9 /  9.0   mean 20.4 /  9.4
+    and with 4 seeds vmapped and 16 eval episodes (flags otherwise the same; each vmapped count is another draw):
+        seeds  1-4   16.6 /  7.7   19.4 / 13.6   23.3 /  6.9   19.5 /  5.3   mean 19.7 / 8.4
+        seeds  5-8   19.2 /  2.2   12.9 /  5.5   22.4 /  7.5    8.9 /  1.1   mean 15.9 / 4.1
+    Estimated pass rate, taking the mean of 3 seeds as normal with the per-seed spread over sqrt(3):
+    - the 9 seed-runs with 32 eval episodes (the test's): return 18.9 +- 2.4, cost 6.4 +- 2.9 per seed; the mean of
+      3 falls below the return bar with probability under 1e-9 and above the cost bar with 4e-4: 99.96 % pass;
+    - all 20 seed-runs, including the 16-episode evaluations, whose cost per seed is noisier (one episode stuck in a
+      hazard can cost 100): return 18.3 +- 3.8, cost 7.0 +- 4.0; 1e-4 and 0.014: 98.6 % pass.  Of the 1,140 triples
+      of these 20 seed-runs, 13 fail (98.9 %), all on cost.
+    The previous test (SPOWL against a live TD-MPC2 run, 2 seeds each, bars 0.7x its return and 0.5x its cost) took
+    508 s alone on the same machine within the hour; one 3-seed run of this test's flags took 356-362 s.
+
+    What the test must catch, each run once with these flags and seeds 1-3 (32 eval episodes), mean over seeds:
+    - the unsafe TD-MPC2 baseline (`--planner tdmpc2`: no cost in the planner, the policy or the switch): return 23.5,
+      cost 16.2 (per seed 22.8 / 16.1, 24.6 / 15.8, 23.2 / 16.8): fails the cost bar.  Recorded earlier (2-4 seeds
+      per run, 16 episodes): 23.2 +- 1.0 return, 19.3 +- 3.5 cost per seed, so its mean over 3 seeds lies above 12
+      in more than 99.9 % of draws;
+    - a policy that ignores cost (`--lagrange-init 0 --penalty-init 1e-8 --penalty-growth 0`: Psi ~ 0; the planner
+      and the switch still weigh cost): return 25.0, cost 14.1 (25.4 / 14.1, 26.7 / 16.1, 23.0 / 12.1): fails the
+      cost bar, by 2.1, about two sd of a 3-seed mean (its seeds spread 2.0): caught in most draws, not all; the unit
+      tests `test_policy_loss_adds_psi_whose_gradient_reaches_the_policy_through_its_actions` and
+      `test_update_steps_the_multipliers_and_only_for_safe_planners` pin Psi and the multiplier step exactly;
+    - a planner that ignores cost (`--planner cce --cce-threshold 1e9`: every sequence feasible, so CCE is TD-MPC2's
+      top-k; the policy keeps its Lagrangian and the switch its cost bound): return 20.8, cost 4.4 (18.2 / 5.0,
+      24.2 / 3.0, 20.0 / 5.2): passes.  Here the safe policy and the switch carry the safety, so the planner's cost
+      terms are left to the unit tests: `test_estimate_value_is_eq_11_by_hand` (J_c),
+      `test_planner_reports_its_thresholds_last_iteration_and_the_switch_bounds` (Eq. 12, the switch's bounds),
+      `test_select_elites_follows_algorithm_1`,
+      `test_cce_keeps_the_feasible_top_k_or_falls_back_to_the_k_lowest_cost_value` and
+      `test_safe_planner_avoids_a_high_reward_high_cost_action_that_tdmpc2_takes`;
+    - random actions (`random_policy_eval`, 256 full episodes): return -0.06, cost 8.9: fails the return bar.
+    A run is deterministic on one CPU model: a change that moves the update's floats by ~1e-7, or another CPU model,
+    is another draw from the distributions above.
     """
     # Compiling takes a large share of this short run; XLA's CPU backend at optimisation level 1 compiles in about
     # half the time of the default level and, measured at this size, trains just as fast.
@@ -1550,7 +1591,8 @@ def test_report_table_groups_duplicates_broken_dirs_and_figures(tmp_path, capsys
     assert f"| {task} | SPOWL [b] | 10.0 ± 0.0 | 26.9 ± 0.4 |" in table
     assert "- [b] `--lr 0.001`" in table and "broken" not in table
     # The figure: per group, the mean over seeds at the eval steps all its seeds share (2000 and 4000: seed 3's run
-    # evaluated at 0.0 return and 9.0 cost at 4000 and finished at 6000), and the paper's values dashed, once per method.
+    # evaluated at 0.0 return and 9.0 cost at 4000 and finished at 6000), and the paper's values dashed, once per
+    # method.
     [figure] = figures
     assert (out / f"{task}.png").stat().st_size > 10_000
     for ax, k, ylabel in zip(figure.axes, (0, 1), ("eval return per episode", "eval cost per episode")):
