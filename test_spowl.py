@@ -1,7 +1,7 @@
 """Tests of SPOWL: the math, the components against the paper's equations and algorithms, and the training loop.
 
     pytest -q -m "not slow" -n 2 --dist loadgroup test_spowl.py   # unit tests on both cores: the development loop
-    pytest -q -m slow test_spowl.py                               # whole runs, faults and learning, one at a time
+    XLA_FLAGS=--xla_backend_optimization_level=1 pytest -q -m slow test_spowl.py   # whole runs, one at a time
     pytest -q test_spowl.py -k learn                              # only the learning test on the pure-JAX env
 
 Each equation is checked against a hand computation or a plain implementation, on inputs where a mistake shows:
@@ -43,9 +43,10 @@ from world_model import (WorldModel, aggregate, decode, encode, ensemble_apply, 
 
 # The unit tests compile many small programs and run each a few times, so this process compiles at XLA's optimisation
 # level 0: a gradient update of the tiny model below compiles in 5.7 s there, against 16.3 s at level 1 (and about
-# twice that at the default level).  Set before JAX starts its backend (importing the modules above does not).  The
-# runs the tests start set their own level: 1 (about half the compile time of the default, and as fast for these
-# sizes), or the default where a test compares against a normal run.
+# twice that at the default level).  Set before JAX starts its backend (importing the modules above does not); the slow
+# tests' command sets level 1 instead, as the rounds test trains in this process.  The runs the tests start set their
+# own level: 1 (about half the compile time of the default, and as fast for these sizes), or the default where a test
+# compares against a normal run.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 # A small model that compiles and runs quickly on a CPU.
