@@ -266,7 +266,8 @@ def test_td_targets_are_eq_6_with_the_terminal_mask():
     np.testing.assert_allclose([np.mean(low == v) for v in range(1, 6)], [0.4, 0.3, 0.2, 0.1, 0.0], atol=0.02)
 
     agent = spowl.init_agent(jax.random.PRNGKey(0), TINY, OBS_DIM, ACTION_DIM)
-    agent = agent._replace(target=(perturbed_model(TINY).q, perturbed_model(TINY).cost_value))  # nonzero targets
+    perturbed = perturbed_model(TINY)
+    agent = agent._replace(target=(perturbed.q, perturbed.cost_value))  # nonzero targets
     batch = random_batch(jax.random.PRNGKey(1), TINY)
     for terminal in (0.0, 1.0):
         _, info = UPDATE(agent, batch._replace(terminated=jnp.full_like(batch.reward, terminal)), jax.random.PRNGKey(2),
@@ -575,12 +576,17 @@ def test_value_heads_are_drawn_without_replacement_for_every_sample():
         np.testing.assert_array_equal(aggregate(values, key, 5, how), expected)
 
 
+def exact_bootstrap_interval(values):
+    """The 2.5 and 97.5 percentiles of the means of all len(values)^len(values) resamples with replacement."""
+    n = len(values)
+    return np.percentile(np.stack(np.meshgrid(*[values] * n, indexing="ij"), -1).reshape(-1, n).mean(-1), [2.5, 97.5])
+
+
 def test_bootstrap_interval_is_the_percentile_interval_of_resampled_ensemble_means():
     """The switch's bounds: the 2.5 and 97.5 percentiles of the means of resamples with replacement of the ensemble's
     values, against the exact distribution of such means (all 5^5 equally likely resamples)."""
     values = np.array([0.3, 1.7, 2.2, 5.9, 8.1])
-    resamples = np.stack(np.meshgrid(*[values] * 5, indexing="ij"), -1).reshape(-1, 5).mean(-1)
-    exact = np.percentile(resamples, [2.5, 97.5])
+    exact = exact_bootstrap_interval(values)
     cfg = dataclasses.replace(TINY, ci_resamples=20_000)
     low, high = bootstrap_interval(jnp.asarray(values, jnp.float32), jax.random.PRNGKey(0), cfg)
     np.testing.assert_allclose([low, high], exact, atol=0.1)  # the 5 / 95 percentiles lie 0.4 inside
@@ -681,12 +687,6 @@ def test_switch_rejects_plans_worse_than_the_policy_action():
     assert not used_plan(-0.2, 0.0, "mean").any()
     assert not used_plan(0.0, 0.2, "mean").any()
     assert used_plan(0.2, -0.2, "mean").all()
-
-
-def exact_bootstrap_interval(values):
-    """The 2.5 and 97.5 percentiles of the means of all len(values)^len(values) resamples with replacement."""
-    n = len(values)
-    return np.percentile(np.stack(np.meshgrid(*[values] * n, indexing="ij"), -1).reshape(-1, n).mean(-1), [2.5, 97.5])
 
 
 def test_planner_reports_its_thresholds_last_iteration_and_the_switch_bounds():
