@@ -16,6 +16,14 @@ import jax.numpy as jnp
 from policy import deterministic_action, sample_action
 from world_model import aggregate, decode, encode, for_acting, head_values, next_latent
 
+# Whether each elite selection rule (`cfg.planner`) uses costs: if so, the planner scores J_c and the policy trains
+# under the Augmented Lagrangian (spowl.update); if not, neither.  A new rule declares it here.
+USES_COST = {"spowl": True, "tdmpc2": False, "cce": True}
+
+
+def uses_cost(cfg):
+    return USES_COST[cfg.planner]
+
 
 def estimate_value(model, policy, z, actions, key, cfg):
     """J^M and J_c^M of Eq. 11 for N action sequences (H, N, A) from one latent z (L,): -> (N,), (N,).
@@ -26,7 +34,7 @@ def estimate_value(model, policy, z, actions, key, cfg):
     undiscounted sum of max-over-ensemble immediate costs with no bootstrap (Sec. 5.1); `tdmpc2` has no J_c.
     """
     horizon = actions.shape[0]
-    with_cost = cfg.planner != "tdmpc2"
+    with_cost = uses_cost(cfg)
 
     def step(z, action):
         reward = decode(model.reward(jnp.concatenate([z, action], -1)), cfg)
