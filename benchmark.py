@@ -33,6 +33,7 @@ import numpy as np
 import tyro
 
 import buffer as replay
+import driver
 import envs
 import spowl
 from planner import act
@@ -62,7 +63,7 @@ def checkpoint_write(args, obs_dim, action_dim):
     runner = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
     with tempfile.TemporaryDirectory(dir=".") as run_dir:  # on the disk runs are written to, not a RAM disk
         start = time.perf_counter()
-        spowl.save_checkpoint(run_dir, runner, {})
+        driver.save_checkpoint(run_dir, runner, {})
         seconds = time.perf_counter() - start
         return os.path.getsize(os.path.join(run_dir, "checkpoint.npz")) / 1e6, seconds
 
@@ -183,24 +184,26 @@ def time_loop(args, loop_steps, trace_dir=None):
     """The training loop of spowl.py: compile once, fill the random phase, then time `loop_steps` vector steps of
     learning (actor and learner side by side, in rounds of `sync-every` steps, as a run plays them).  With
     `trace_dir`, then trace two whole rounds in the middle of four more and summarise what the device did."""
-    mesh = spowl.seed_mesh(args.num_seeds)
+    mesh = driver.seed_mesh(args.num_seeds)
     env, eval_env, vector_envs = envs.make_envs(args, mesh if mesh.size > 1 else None)
     try:
         steps_per_vector_step = args.num_envs * env.action_repeat
-        interval = loop_steps * steps_per_vector_step  # no event inside the timed steps
-        args = spowl.dataclasses.replace(args, log_every=interval, eval_every=interval, checkpoint_every=interval)
-        train, by_seed = spowl.jit_over_seeds(spowl.make_train(args, env, eval_env), mesh)
-        keys = jax.device_put(jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)]), by_seed)
+        interval = loop_steps * steps_per_vector_step
+        keys = jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
+        train, by_runner = driver.jit_over_seeds(spowl.make_train(args, env, eval_env), mesh, keys)
+        keys = jax.device_put(keys, by_runner.key)
         start = time.perf_counter()
-        train = spowl.Train(*(program.result() for program in spowl.compile_train(train, keys)))
+        compiling = driver.compile_train(train, keys)
+        train = train._replace(**{name: program.result() for name, program in compiling.items()})
         runner = train.init(keys)
         compile_seconds = time.perf_counter() - start
         learning_starts = max(args.learning_starts, (args.horizon + 1) * steps_per_vector_step)
-        with spowl.ThreadPoolExecutor(1) as learner:
-            runner = spowl.play(train, runner, learning_starts, learner)  # the random phase
+        end = 2**31 - 1  # the actor plays every step
+        with driver.ThreadPoolExecutor(1) as learner:
+            runner = driver.play(train, runner, learning_starts, end, learner)  # the random phase
             first = int(runner.actor.global_step[0])
             start = time.perf_counter()
-            runner = jax.block_until_ready(spowl.play(train, runner, first + interval, learner))
+            runner = jax.block_until_ready(driver.play(train, runner, first + interval, end, learner))
             seconds = time.perf_counter() - start
             raw = int(runner.actor.global_step[0]) - first
             print(f"training loop: compile {compile_seconds:.1f} s (init, rounds and eval); {raw / seconds:.1f} raw "
@@ -217,17 +220,17 @@ def time_loop(args, loop_steps, trace_dir=None):
 
 def trace_rounds(train, runner, learner, trace_dir, raw_steps, steps_per_vector_step):
     """Play `raw_steps` more (four rounds or more), tracing the second and third rounds (from one round's end to
-    another's, actor and learner side by side, nothing settled), and summarise what the device did."""
+    another's, actor and learner side by side), and summarise what the device did."""
     seen = []  # (time, global step) at each round's end
 
-    def on_round(metrics):
-        seen.append((time.perf_counter(), int(np.max(metrics["global_step"]))))
+    def on_round(rounds):
+        seen.append((time.perf_counter(), int(np.max(rounds["act"]["global_step"]))))
         if len(seen) == 1:
             jax.profiler.start_trace(trace_dir)
         elif len(seen) == 3:
             jax.profiler.stop_trace()
 
-    spowl.play(train, runner, int(runner.actor.global_step[0]) + raw_steps, learner, on_round)
+    driver.play(train, runner, int(runner.actor.global_step[0]) + raw_steps, 2**31 - 1, learner, on_round)
     (start, first), (stop, last) = seen[0], seen[2]
     print(f"training loop, traced: {(last - first) // steps_per_vector_step} vector steps in {stop - start:.2f} s")
     device_activity(trace_dir, (last - first) // steps_per_vector_step, stop - start)
@@ -239,8 +242,8 @@ def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600, loop_steps: 
     `loop_steps` vector steps the training loop (0 skips any of them); `checkpoint` times a checkpoint write.
     `trace_dir` keeps profiler traces of more planning calls and updates, after the timed ones, and of two rounds of
     the loop, after its timed steps, and prints what the device did in them (`device_activity`)."""
-    args = spowl.resolve_act(args)
-    spowl.check_args(args)
+    args = driver.resolve_act(args)
+    driver.check_args(args)
     if args.env_id in envs.JAX_ENVS:
         module = envs.JAX_ENVS[args.env_id]
         obs_dim, action_dim = module.OBS_DIM, module.ACT_DIM

@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 
+import driver  # noqa: E402
 import spowl  # noqa: E402
 
 
@@ -125,7 +126,7 @@ def read_run(run_dir):
     with open(os.path.join(run_dir, "config.json")) as f:
         config = {**dataclasses.asdict(spowl.Args()), **json.load(f)}
     # A left-out --act resolves by the planner, as spowl.py resolves it before it writes config.json.
-    config["act"] = spowl.resolve_act(spowl.Args(planner=config["planner"], act=config["act"])).act
+    config["act"] = driver.resolve_act(spowl.Args(planner=config["planner"], act=config["act"])).act
     rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     provenance_path = os.path.join(run_dir, "provenance.jsonl")
     provenance = read_jsonl(provenance_path) if os.path.isfile(provenance_path) else []
@@ -178,7 +179,7 @@ def mode_name(config):
 
 
 def format_flag(name, value):
-    flag = spowl.flag(name)
+    flag = driver.flag(name)
     if isinstance(value, bool):
         return flag if value else flag.replace("--", "--no-", 1)
     return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"

@@ -31,6 +31,7 @@ import tyro
 
 import benchmark
 import buffer as replay
+import driver
 import envs
 import jax_env
 import report
@@ -730,18 +731,25 @@ def test_planner_reports_its_thresholds_last_iteration_and_the_switch_bounds():
     assert info["no_improvement"].all() and (info["elites"] == args.num_pi_trajs).all()
 
 
-def test_tracker_averages_the_diagnostics_over_learning_steps():
+def test_tracker_averages_over_planning_steps_and_made_updates_and_logs_every_quantity():
+    """The actor's diagnostics average over its planning steps, the learner's over the steps whose updates were made
+    (a skipped update's zeros do not count), lambda and mu show their last value, and a quantity no list names --
+    as a fork's new diagnostic would be -- is logged too, as act/<name> or update/<name>."""
     active, learning = np.array([True, True, True, False]), np.array([False, True, True, True])
     zeros = np.zeros((4, 2))
-    metrics = {"active": active, "learning": learning, "ended": zeros > 0, "episode_return": zeros,
-               "episode_cost": zeros, "multiplier": zeros[:, 0], "penalty": zeros[:, 0],
-               "used_plan": np.array([9.0, 0.5, 1.0, 9.0]), "no_improvement": np.array([9.0, 0.0, 0.5, 9.0]),
-               "elites": np.array([9.0, 8.0, 6.0, 9.0])}
-    tracker = spowl.Tracker()
-    tracker.add(metrics)
+    acted = {"active": active, "learning": learning, "global_step": np.arange(4), "ended": zeros > 0,
+             "episode_return": zeros, "episode_cost": zeros, "used_plan": np.array([9.0, 0.5, 1.0, 9.0]),
+             "no_improvement": np.array([9.0, 0.0, 0.5, 9.0]), "elites": np.array([9.0, 8.0, 6.0, 9.0]),
+             "novel_plan_stat": np.array([9.0, 1.0, 2.0, 9.0])}
+    updated = np.array([False, False, True, False])  # one learning step's updates skipped (no full window yet)
+    learned = {"active": active, "global_step": np.arange(4), "updated": updated,
+               "multiplier": np.array([0.1, 0.2, 0.3, 0.4]), "penalty": np.array([1.0, 2.0, 3.0, 4.0]),
+               "model_loss": np.array([0.0, 0.0, 5.0, 0.0]), "pid_integral": np.array([0.0, 0.0, 7.0, 0.0])}
+    tracker = driver.Tracker()
+    tracker.add({"act": acted, "update": learned})
     row = tracker.row()
-    assert {k: row[k] for k in row if k.startswith(("plan/", "switch/"))} == {
-        "plan/balance": 0.75, "plan/no_improvement": 0.25, "plan/elites": 7.0}
+    assert row == {"plan/balance": 0.75, "plan/no_improvement": 0.25, "plan/elites": 7.0, "act/novel_plan_stat": 1.5,
+                   "losses/model": 5.0, "update/pid_integral": 7.0, "lagrange/lambda": 0.3, "lagrange/mu": 3.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -956,14 +964,14 @@ def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_
 
 def test_each_launch_appends_its_provenance(tmp_path):
     run = str(tmp_path / "run")
-    spowl.record_provenance(run)
-    spowl.record_provenance(run)  # a --resume
+    driver.record_provenance(run)
+    driver.record_provenance(run)  # a --resume
     entries = read_jsonl(os.path.join(run, "provenance.jsonl"))
     assert len(entries) == 2
     entry = entries[-1]
     assert {"time", "command", "commit", "dirty", "host", "device_kind", "device_count", "versions"} <= set(entry)
     assert entry["versions"]["jax"] == jax.__version__ and entry["versions"]["numpy"] == np.__version__
-    assert set(entry["versions"]) == {"python", *spowl.PROVENANCE_PACKAGES}
+    assert set(entry["versions"]) == {"python", *driver.PROVENANCE_PACKAGES}
     assert entry["device_count"] == jax.device_count()
 
 
@@ -1005,7 +1013,13 @@ def checkpoint_step(run_dir):
     """The step of the run's checkpoint, after reading every array of it (so it is whole)."""
     with np.load(os.path.join(run_dir, "checkpoint.npz")) as data:
         [data[name] for name in data.files]
-    return spowl.checkpoint_counters(run_dir)["global_step"]
+    return driver.checkpoint_counters(run_dir)["global_step"]
+
+
+def checkpoint_arrays(run_dir):
+    """The runner's arrays in the run's checkpoint, in order."""
+    with np.load(os.path.join(run_dir, "checkpoint.npz")) as data:
+        return [data[f"arr_{i}"] for i in range(sum(name.startswith("arr_") for name in data.files))]
 
 
 def tensorboard_events(path):
@@ -1029,21 +1043,26 @@ FAST_FLAGS = [*TINY_FLAGS, "--act", "policy", "--horizon", "1", "--utd-ratio", "
 # The pure-JAX fault runs plan and switch (Alg. 2) at the default horizon with 2 seeds vmapped, so the resume below must
 # restore the planner's warm start and every seed's state.  Their 2 x 150,000-entry buffers make a 46 MB checkpoint,
 # whose write takes a while.
+# Rounds of 25 vector steps (50 raw steps), so that rows, evaluations and checkpoints fall on the hundreds.
 PURE_FAULT_FLAGS = ["--env-id", jax_env.ENV_ID, "--num-seeds", "2", "--num-envs", "2", "--total-timesteps", "500",
                     "--learning-starts", "100", "--log-every", "100", "--eval-every", "300", "--checkpoint-every",
-                    "200", "--eval-episodes", "2", "--buffer-size", "150000", *TINY_FLAGS, "--utd-ratio", "0.5"]
+                    "200", "--eval-episodes", "2", "--buffer-size", "150000", "--sync-every", "25", *TINY_FLAGS,
+                    "--utd-ratio", "0.5"]
 
 
 @pytest.mark.slow
 def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_path):
-    """On the pure-JAX env, five runs of the same command (so the same compiled program) and one diverging run, each of
-    2 seeds that plan and switch:
+    """On the pure-JAX env, five runs of the same command (so the same compiled program), one with other intervals and
+    one diverging run, each of 2 seeds that plan and switch:
 
     - reference: runs to the end, with an evaluation at step 300 beside training (no checkpoint there) and one at
       the end;
     - killed: kill -9 while checkpoint.npz.tmp of step 400 is being written: checkpoint.npz stays the one of step
       200; its rows up to the kill equal the reference's (the same command twice), and after --resume all of them do
       (metrics.jsonl cut back to step 200, then run again): losses, planner diagnostics and evaluations, both seeds;
+      and its final checkpoint is the reference's, array for array;
+    - intervals: rows every 50 steps, evaluations every 250 and checkpoints every 150: its final checkpoint is the
+      reference's, array for array (when the driver looks does not change training);
     - terminated: SIGTERM to the trainer alone after the checkpoint of step 200: stops at the next round boundary with
       a checkpoint there (that of step 200 if no round began since), exit 128 + 15 and one line saying how to resume;
     - full disk: a file-size limit (RLIMIT_FSIZE) of 1 MB set on the running trainer after the checkpoint of step 200:
@@ -1052,7 +1071,8 @@ def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_
       quantity and step, and keeps the checkpoint.
     """
     env = fault_env(tmp_path)
-    run_dirs = {name: tmp_path / name for name in ["reference", "killed", "terminated", "full_disk", "diverging"]}
+    run_dirs = {name: tmp_path / name for name in ["reference", "killed", "terminated", "full_disk", "intervals",
+                                                   "diverging"]}
     start = lambda name, *flags: spowl_start(  # noqa: E731
         *PURE_FAULT_FLAGS, *flags, "--log-dir", str(run_dirs[name]), env=env)
     processes = {}
@@ -1064,6 +1084,8 @@ def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_
                    [processes["reference"]])
         for name in ["killed", "terminated", "full_disk"]:
             processes[name] = start(name)
+        processes["intervals"] = start("intervals", "--log-every", "50", "--eval-every", "250", "--checkpoint-every",
+                                       "150")
         checkpoint = lambda name: run_dirs[name] / "checkpoint.npz"  # noqa: E731
         tmp = lambda name: run_dirs[name] / "checkpoint.npz.tmp"  # noqa: E731
         faults = {  # what to do to whom, once its condition holds
@@ -1087,6 +1109,13 @@ def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_
             p.kill()
     codes = {name: p.returncode for name, p in processes.items()}
     assert codes["reference"] == 0, outputs["reference"][1][-3000:]
+    assert codes["intervals"] == 0, outputs["intervals"][1][-3000:]
+    assert checkpoint_step(run_dirs["intervals"]) == 500
+    # Rows at the first round boundary past each multiple of 50: after the episode reset at step 400 (a vector step
+    # of 0 raw steps) rounds end at 448 and 498, and the run at 500.
+    assert {r["global_step"] for r in read_rows(run_dirs["intervals"])} == {*range(50, 401, 50), 498, 500}
+    for a, b in zip(checkpoint_arrays(run_dirs["reference"]), checkpoint_arrays(run_dirs["intervals"]), strict=True):
+        np.testing.assert_array_equal(a, b)
 
     # kill -9 in the write: the temporary file is there, unfinished; the checkpoint is the previous one.
     assert codes["killed"] == -signal.SIGKILL
@@ -1116,6 +1145,8 @@ def test_kill_9_in_a_checkpoint_write_sigterm_full_disk_nan_and_determinism(tmp_
         assert not any(e.HasField("session_log") for e in tensorboard_events(first))
         assert [e.step for e in tensorboard_events(second) if e.session_log.status == e.session_log.START] == [201]
     assert checkpoint_step(run_dirs["killed"]) == 500 and not tmp("killed").exists()
+    for a, b in zip(checkpoint_arrays(run_dirs["reference"]), checkpoint_arrays(run_dirs["killed"]), strict=True):
+        np.testing.assert_array_equal(a, b)
 
     # SIGTERM: a checkpoint at the round boundary after the signal, and how to continue.
     stderr = outputs["terminated"][1]
@@ -1230,22 +1261,22 @@ def test_safety_gymnasium_kill_9_of_the_trainer_or_a_worker_and_sigint_to_the_pr
 
 def test_checkpoint_round_trip_and_format_checks(tmp_path):
     runner = {"params": np.arange(6.0).reshape(2, 3), "step": np.array([7], np.int32)}
-    spowl.save_checkpoint(str(tmp_path), runner, {"next_log": 10, "global_step": 7})
+    driver.save_checkpoint(str(tmp_path), runner, {"next_log": 10, "global_step": 7})
     assert os.listdir(tmp_path) == ["checkpoint.npz"]  # the temporary file was renamed
-    restored, counters = spowl.load_checkpoint(str(tmp_path), runner)
+    restored, counters = driver.load_checkpoint(str(tmp_path), runner)
     assert counters == {"next_log": 10, "global_step": 7}
     np.testing.assert_array_equal(restored["params"], runner["params"])
     with pytest.raises(ValueError, match="do not match"):  # another model size
-        spowl.load_checkpoint(str(tmp_path), {**runner, "params": np.zeros((2, 4))})
+        driver.load_checkpoint(str(tmp_path), {**runner, "params": np.zeros((2, 4))})
     with pytest.raises(ValueError, match="do not match"):  # more state
-        spowl.load_checkpoint(str(tmp_path), {**runner, "more": np.zeros(1)})
+        driver.load_checkpoint(str(tmp_path), {**runner, "more": np.zeros(1)})
     with open(tmp_path / "checkpoint.npz", "wb") as f:  # as the code before format versions wrote it
         np.savez(f, *runner.values(), counters=json.dumps(counters))
     with pytest.raises(ValueError, match="format version none"):
-        spowl.checkpoint_counters(str(tmp_path))
+        driver.checkpoint_counters(str(tmp_path))
     (tmp_path / "checkpoint.npz").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="cannot read"):
-        spowl.checkpoint_counters(str(tmp_path))
+        driver.checkpoint_counters(str(tmp_path))
 
 
 class Exploding(envs.gymnasium.Env):
@@ -1283,7 +1314,7 @@ def test_a_worker_that_raises_is_named_and_the_others_are_stopped():
 
 
 def test_bad_input_is_refused_before_anything_starts(tmp_path):
-    """Each bad flag raises a ValueError naming it, from the config alone (`spowl.configure`, which `main` turns into
+    """Each bad flag raises a ValueError naming it, from the config alone (`driver.configure`, which `main` turns into
     one line: see the next test), and nothing is written."""
     old_format = tmp_path / "old_format"  # a run directory whose checkpoint has no format version
     old_format.mkdir()
@@ -1304,7 +1335,7 @@ def test_bad_input_is_refused_before_anything_starts(tmp_path):
         if "--log-dir" not in flags:
             flags = [*flags, "--log-dir", str(tmp_path / "new")]
         with pytest.raises(ValueError, match=re.escape(name)):
-            spowl.configure(flags)
+            driver.configure(spowl.Args, flags)
     assert sorted(os.listdir(tmp_path)) == ["old_format"] and len(os.listdir(old_format)) == 2  # nothing started
 
 
@@ -1335,7 +1366,7 @@ def test_tdmpc2_alone_is_the_plan_only_baseline_and_resumes_as_such(tmp_path):
     the one the run directory's config.json holds, so --resume keeps it."""
     def prepare(**fields):
         args = spowl.Args(env_id=jax_env.ENV_ID, log_dir=str(tmp_path / "new"), **fields)
-        return spowl.prepare_run(args, set(fields) | {"env_id", "log_dir"})[0]
+        return driver.prepare_run(args, set(fields) | {"env_id", "log_dir"})[0]
 
     assert prepare().act == "switch" and prepare(planner="cce").act == "switch"
     assert prepare(planner="tdmpc2", act="switch").act == "switch"
@@ -1344,8 +1375,8 @@ def test_tdmpc2_alone_is_the_plan_only_baseline_and_resumes_as_such(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(baseline)))  # as `train` writes it
-    np.savez(run / "checkpoint.npz", format_version=spowl.CHECKPOINT_FORMAT, counters="{}")  # a resumable run
-    resumed, resuming = spowl.prepare_run(spowl.Args(resume=str(run), planner="tdmpc2"), {"resume", "planner"})
+    np.savez(run / "checkpoint.npz", format_version=driver.CHECKPOINT_FORMAT, counters="{}")  # a resumable run
+    resumed, resuming = driver.prepare_run(spowl.Args(resume=str(run), planner="tdmpc2"), {"resume", "planner"})
     assert resuming and resumed.act == "plan"
 
 
@@ -1354,21 +1385,23 @@ def test_tdmpc2_alone_is_the_plan_only_baseline_and_resumes_as_such(tmp_path):
 
 
 @pytest.mark.slow
-def test_rounds_side_by_side_give_the_runner_of_rounds_in_turn_with_every_update_made_once():
-    """The training loop's rounds with the learner on its own thread, and the same rounds with actor and learner
-    called one after the other, give the same runner, bit for bit, across random steps, planning + gradient updates
-    and an episode reset; the Adam step count shows each learning step's updates made exactly once, the last
-    round's by the final settle.  Side by side, the actor plays the random phase without waiting for a busy
-    learner."""
+def test_rounds_side_by_side_in_turn_split_anywhere_and_as_one_program_give_the_same_run():
+    """A run's rounds played four ways give the same runner, bit for bit, across random steps, planning + gradient
+    updates and an episode reset: the driver's actor and learner side by side on two threads; the same rounds in
+    turn; side by side again but stopped and continued at other global steps, as rows, evaluations and checkpoints
+    stop the driver (so their intervals leave training unchanged); and `train.run`, the whole run as one XLA program
+    (PureJaxRL-style).  Adam's step count shows each learning step's updates made exactly once, the last round's by
+    the final settle.  Side by side, the actor plays the random phase without waiting for a busy learner."""
     # 440 raw steps = 221 vector steps of 2 envs: the envs truncate at agent step 200 and the next step only resets
-    # them (0 raw steps).  Rounds of 16 vector steps, the last one gated off at stop_at.
-    stop_at, sync_every = 440, 16
+    # them (0 raw steps).  Rounds of 16 vector steps, the last one gated off at the end.
+    end, sync_every = 440, 16
     args = dataclasses.replace(TINY, env_id=jax_env.ENV_ID, num_envs=2, utd_ratio=1.5, learning_starts=100,
-                               buffer_size=1000, log_every=480, eval_every=480, checkpoint_every=480, eval_episodes=2,
-                               sync_every=sync_every)
+                               buffer_size=1000, total_timesteps=end, eval_episodes=2, sync_every=sync_every)
     env, eval_env, _ = envs.make_envs(args)
-    train, _ = spowl.jit_over_seeds(spowl.make_train(args, env, eval_env), spowl.seed_mesh(1))
-    start = train.init(jax.random.PRNGKey(0)[None])  # one seed
+    fns = spowl.make_train(args, env, eval_env)
+    keys = jax.random.PRNGKey(0)[None]  # one seed
+    train, _ = driver.jit_over_seeds(fns, driver.seed_mesh(1), keys)
+    start = train.init(keys)
     copy = lambda runner: jax.tree.map(jnp.copy, runner)  # noqa: E731  (the actor's state is donated)
 
     # The learner is kept busy, as while its program compiles, until the actor has played a round with learning
@@ -1382,21 +1415,29 @@ def test_rounds_side_by_side_give_the_runner_of_rounds_in_turn_with_every_update
         return actor, acted, metrics
 
     rounds = []
-    with spowl.ThreadPoolExecutor(1) as learner:
+    with driver.ThreadPoolExecutor(1) as learner:
         busy = learner.submit(learning_began.wait, 120)
-        side_by_side = spowl.play(train._replace(act=act), copy(start), stop_at, learner, rounds.append)
-    assert busy.result(), "the actor waited for the learner in the random phase"
-    in_turn = spowl.play(train, copy(start), stop_at)
-    for a, b in zip(jax.tree.leaves(side_by_side), jax.tree.leaves(in_turn)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        side_by_side = driver.play(train._replace(act=act), copy(start), end, end, learner, rounds.append)
+        assert busy.result(), "the actor waited for the learner in the random phase"
+        split_up = copy(start)
+        for until in (30, 100, 101, 250, end):  # inside rounds, at the first learning step, one round apart
+            split_up = driver.play(train, split_up, until, end, learner)
+    in_turn = driver.play(train, copy(start), end, end)
+    (side_by_side, metrics), (split_up, _), (in_turn, _) = (driver.settle(train, r) for r in (side_by_side, split_up,
+                                                                                              in_turn))
+    one_program, _ = jax.jit(fns.run)(keys)
+    for other in (split_up, in_turn, one_program):
+        for a, b in zip(jax.tree.leaves(side_by_side), jax.tree.leaves(other), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    metrics = {name: np.concatenate([np.asarray(m[name]) for m in rounds]) for name in rounds[0]}
-    active = metrics["active"][:, 0]
-    assert int(side_by_side.actor.global_step[0]) == stop_at and len(rounds) == -(-active.sum() // sync_every)
-    learning = metrics["learning"][active, 0]
+    acted = {name: np.concatenate([np.asarray(r["act"][name]) for r in rounds]) for name in rounds[0]["act"]}
+    active = acted["active"][:, 0]
+    assert int(side_by_side.actor.global_step[0]) == end and len(rounds) == -(-active.sum() // sync_every)
+    learning = acted["learning"][active, 0]
     assert learning.any() and not learning.all()  # random steps, then planning and updates
-    assert metrics["ended"][active].any()  # an episode end (and the reset after it)
-    assert {"elites", "no_improvement", "d_reward", "d_cost", "q_low", "qc_high", "value", "multiplier"} <= set(metrics)
+    assert acted["ended"][active].any()  # an episode end (and the reset after it)
+    assert {"elites", "no_improvement", "d_reward", "d_cost", "q_low", "qc_high"} <= set(acted)
+    assert {"value", "multiplier", "updated", "model_loss"} <= set(rounds[-1]["update"]) <= set(metrics)
     adam = side_by_side.agent.model_opt[0][1][0]  # chain(flatten(chain(clip, adam)), masked scale): adam's state
     assert int(adam.count[0]) == 3 * learning.sum()  # num_envs x utd_ratio per learning step
     assert int(side_by_side.buffer.size[0]) == active.sum() + 1  # every transition stored, after the first obs
