@@ -21,8 +21,11 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
+from zlib import error as zlib_error
 
 import jax
 import jax.numpy as jnp
@@ -50,14 +53,21 @@ def check_args(args):
                 "checkpoint_every", "sync_every", "action_repeat", "buffer_size", "utd_ratio", "batch_size",
                 "latent_dim", "mlp_dim", "enc_dim", "num_enc_layers", "simnorm_dim", "num_q", "num_cost_heads",
                 "num_bins", "horizon", "iterations", "num_samples", "num_pi_trajs", "num_elites", "q_subsample",
-                "cost_subsample", "ci_resamples", "lr", "tau", "gamma", "cost_gamma", "temperature", "min_std",
-                "penalty_init"]
+                "cost_subsample", "ci_resamples", "lr", "enc_lr_scale", "grad_clip_norm", "policy_adam_eps",
+                "temperature", "min_std", "penalty_init", "penalty_max", "lagrange_max"]
     for name in positive:
         if not getattr(args, name) > 0:
             raise ValueError(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ["learning_starts", "lagrange_init", "penalty_growth", "dropout", "cost_dropout"]:
+    for name in ["learning_starts", "lagrange_init", "penalty_growth", "entropy_coef", "cost_limit", "cost_imb_weight",
+                 "consistency_coef", "reward_coef", "value_coef", "cost_coef", "cost_value_coef"]:
         if not getattr(args, name) >= 0:
             raise ValueError(f"{flag(name)} must not be negative, got {getattr(args, name)}")
+    for name in ["gamma", "cost_gamma", "rho", "tau", "scale_tau"]:  # discounts and rates
+        if not 0 < getattr(args, name) <= 1:
+            raise ValueError(f"{flag(name)} must be in (0, 1], got {getattr(args, name)}")
+    for name in ["dropout", "cost_dropout"]:  # probabilities
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"{flag(name)} must be in [0, 1), got {getattr(args, name)}")
     for small, large in [("num_elites", "num_samples"), ("q_subsample", "num_q"), ("cost_subsample", "num_cost_heads"),
                          ("min_std", "max_std"), ("log_std_min", "log_std_max"), ("vmin", "vmax")]:
         if getattr(args, small) > getattr(args, large):
@@ -95,7 +105,7 @@ def check_args(args):
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise ValueError("--track needs Weights & Biases: pip install wandb") from None
+            raise ValueError("--track needs Weights & Biases: pip install \"wandb>=0.19.10\"") from None
 
 
 def resolve_act(args):
@@ -122,8 +132,11 @@ def prepare_run(args, cli_flags):
         raise ValueError(f"--resume {args.resume}: no run directory with a config.json there")
     if args.log_dir is not None and os.path.abspath(args.log_dir) != os.path.abspath(args.resume):
         raise ValueError(f"--log-dir {args.log_dir} must be the --resume directory {args.resume} (or left out)")
-    with open(config_path) as f:
-        saved = type(args)(**json.load(f))
+    try:
+        with open(config_path) as f:
+            saved = type(args)(**json.load(f))
+    except (OSError, ValueError, TypeError) as error:  # unreadable, not JSON, or fields this code does not know
+        raise ValueError(f"--resume {args.resume}: cannot read {config_path} ({error})") from None
     for name in cli_flags - RESUMABLE_FLAGS:
         if getattr(args, name) != getattr(saved, name):
             raise ValueError(f"{flag(name)} differs from the saved config of {args.resume}; leave it out to resume")
@@ -167,21 +180,25 @@ def record_provenance(run_dir):
         f.write(json.dumps(entry) + "\n")
 
 
-# The checkpoint format: `format_version`, `counters` (JSON: the event counters and the checkpoint's global_step) and
-# the runner's leaves `arr_0`, `arr_1`, ... in `jax.tree.leaves` order.  A change of the runner or of the counters
-# (new state) increments the version, and --resume then refuses older checkpoints in one line.
+# The checkpoint: `format_version`, `counters` (JSON: the event counters and the checkpoint's global_step) and each of
+# the runner's arrays under its pytree path (".agent.model.encoder..."), so that a runner with new state no longer
+# fits an older checkpoint and --resume names what differs.  The version changes only with this layout.
 CHECKPOINT_FORMAT = 3
 
 
+def arrays_by_path(tree):
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def save_checkpoint(run_dir, runner, counters):
-    """Everything to continue the run -- parameters, optimiser and Lagrangian state, replay buffer, env state, PRNG
-    key and counters -- as one `checkpoint.npz`.  It is written to `checkpoint.npz.tmp`, flushed to disk and renamed,
-    so a kill or a failed write at any moment leaves the previous checkpoint whole; a failed write removes the
-    temporary file and raises OSError."""
+    """Everything to continue the run -- parameters, optimiser and Lagrangian state, replay buffer, env state, the
+    pending round, PRNG keys and counters -- as one `checkpoint.npz`.  It is written to `checkpoint.npz.tmp`, flushed
+    to disk and renamed, so a kill or a failed write at any moment leaves the previous checkpoint whole; a failed
+    write removes the temporary file and raises OSError."""
     path = os.path.join(run_dir, "checkpoint.npz")
     data = io.BytesIO()  # built in memory: a zip file that failed halfway on disk would complain again when collected
     np.savez(data, format_version=CHECKPOINT_FORMAT, counters=json.dumps(counters),
-             *jax.device_get(jax.tree.leaves(runner)))
+             **jax.device_get(arrays_by_path(runner)))
     try:
         with open(path + ".tmp", "wb") as f:
             f.write(data.getbuffer())
@@ -193,31 +210,41 @@ def save_checkpoint(run_dir, runner, counters):
     os.replace(path + ".tmp", path)
 
 
-def checkpoint_counters(run_dir):
-    """The counters of the checkpoint in `run_dir`; ValueError unless it is one this code wrote, in this format."""
+def read_checkpoint(run_dir, read=lambda data: None):
+    """(counters, read(data)) of the checkpoint in `run_dir`; ValueError, naming the file, unless it is one this code
+    wrote, whole, in this format."""
     path = os.path.join(run_dir, "checkpoint.npz")
     try:
         with np.load(path) as data:
             version = int(data["format_version"]) if "format_version" in data.files else None
-            counters = json.loads(str(data["counters"])) if version == CHECKPOINT_FORMAT else None
-    except (OSError, ValueError, KeyError) as error:  # missing, not an npz, or foreign
-        raise ValueError(f"--resume {run_dir}: cannot read {path} ({error})") from None
+            if version == CHECKPOINT_FORMAT:
+                counters, contents = json.loads(str(data["counters"])), read(data)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib_error) as error:  # missing, foreign, cut
+        raise ValueError(f"--resume {run_dir}: cannot read {path} ({type(error).__name__}: {error})") from None
     if version != CHECKPOINT_FORMAT:
-        raise ValueError(f"--resume {run_dir}: the checkpoint has format version {version or 'none (older code)'}, "
-                         f"this code reads version {CHECKPOINT_FORMAT}")
-    return counters
+        raise ValueError(f"--resume {run_dir}: the checkpoint {path} has format version "
+                         f"{version or 'none (older code)'}, this code reads version {CHECKPOINT_FORMAT}")
+    return counters, contents
+
+
+def checkpoint_counters(run_dir):
+    return read_checkpoint(run_dir)[0]
 
 
 def load_checkpoint(run_dir, template):
-    """The saved runner (into the structure of `template`) and counters; ValueError if they do not fit it."""
-    counters = checkpoint_counters(run_dir)
-    expected = jax.tree.leaves(template)
-    with np.load(os.path.join(run_dir, "checkpoint.npz")) as data:
-        leaves = [data[f"arr_{i}"] for i in range(sum(name.startswith("arr_") for name in data.files))]
-    if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in expected]:
-        raise ValueError(f"--resume {run_dir}: the checkpoint's {len(leaves)} arrays do not match the {len(expected)} "
-                         "of this code's runner (shapes and dtypes)")
-    return jax.tree.unflatten(jax.tree.structure(template), [jnp.asarray(x) for x in leaves]), counters
+    """The saved runner (into the structure of `template`) and counters; ValueError, naming the arrays, if they do not
+    fit it."""
+    expected = arrays_by_path(template)
+    counters, saved = read_checkpoint(run_dir, lambda data: {name: data[name] for name in data.files
+                                                             if name not in ("format_version", "counters")})
+    differ = sorted(expected.keys() ^ saved.keys()) + sorted(
+        name for name in expected.keys() & saved.keys()
+        if (saved[name].shape, saved[name].dtype) != (expected[name].shape, expected[name].dtype))
+    if differ:
+        raise ValueError(f"--resume {run_dir}: the checkpoint's arrays do not match this code's runner at "
+                         f"{len(differ)} path(s): {', '.join(differ[:3])}" + (", ..." if len(differ) > 3 else ""))
+    restored = [jnp.asarray(saved[name]) for name in expected]  # in the template's leaf order
+    return jax.tree.unflatten(jax.tree.structure(template), restored), counters
 
 
 @jax.vmap
@@ -237,10 +264,11 @@ def continue_episodes(restored, fresh):
 
 class Logger:
     """One JSON object per row appended to <run>/metrics.jsonl, the same scalars as TensorBoard events (a writer per
-    seed when several train at once), and W&B with --track.
+    seed when several train at once), and with --track a W&B run per seed, grouped under the run directory's name.
 
     A run resumed from a checkpoint at `resume_step` runs the steps after it again, so metrics.jsonl keeps only its
-    rows up to that step and TensorBoard purges its later events: both see each step once, in order."""
+    rows up to that step and TensorBoard purges its later events: both see each step once, in order.  The W&B runs'
+    ids are kept in <run>/wandb_ids.json, so a resume continues the same runs (W&B ignores the steps it has seen)."""
 
     def __init__(self, args, resume_step=None):
         from tensorboardX import SummaryWriter
@@ -256,29 +284,38 @@ class Logger:
         seeds = [args.seed + i for i in range(args.num_seeds)]
         self.writers = {s: SummaryWriter(args.log_dir if args.num_seeds == 1 else f"{args.log_dir}/seed_{s}",
                                          purge_step=purge_step) for s in seeds}
-        self.wandb = None
+        self.wandb = {}
         if args.track:
             import wandb
 
-            self.wandb = wandb.init(project=args.wandb_project, config=dataclasses.asdict(args), dir=args.log_dir,
-                                    name=os.path.basename(os.path.normpath(args.log_dir)), resume="allow")
+            ids_path, name = os.path.join(args.log_dir, "wandb_ids.json"), os.path.basename(os.path.normpath(args.log_dir))
+            ids = {str(s): uuid.uuid4().hex[:12] for s in seeds}
+            if os.path.exists(ids_path):
+                with open(ids_path) as f:
+                    ids = json.load(f)
+            with open(ids_path, "w") as f:
+                json.dump(ids, f)
+            for s in seeds:
+                self.wandb[s] = wandb.init(project=args.wandb_project, group=name, id=ids[str(s)], resume="allow",
+                                           name=name if args.num_seeds == 1 else f"{name}/seed_{s}", dir=args.log_dir,
+                                           config={**dataclasses.asdict(args), "seed": s}, reinit="create_new")
 
     def write(self, rows):
         with open(self.path, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         for row in rows:
-            for tag, value in row.items():
-                if tag not in ("global_step", "seed"):
-                    self.writers[row["seed"]].add_scalar(tag, value, row["global_step"])
-            if self.wandb is not None:
-                self.wandb.log({k: v for k, v in row.items() if k != "global_step"}, step=row["global_step"])
+            scalars = {tag: value for tag, value in row.items() if tag not in ("global_step", "seed")}
+            for tag, value in scalars.items():
+                self.writers[row["seed"]].add_scalar(tag, value, row["global_step"])
+            if self.wandb:
+                self.wandb[row["seed"]].log(scalars, step=row["global_step"])
 
     def close(self):
         for writer in self.writers.values():
             writer.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        for run in self.wandb.values():
+            run.finish()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -577,11 +614,12 @@ def play(train, runner, until, stop_at, learner=None, on_round=lambda rounds: No
 
 
 def settle(train, runner):
-    """The runner with its pending round stored and learned from (a run's end, and a resume in fresh host envs), and
-    the learner's metrics of that round."""
+    """One more round in which the actor has no step left to play, so that nothing is pending: the learner stores the
+    last round and makes its updates (a run's end, and a resume in fresh host envs; as `train.run` ends).  Returns the
+    runner and the learner's metrics."""
     agent, buffer, key, metrics = train.learn(runner.agent, runner.buffer, runner.key, runner.pending)
-    return runner._replace(agent=agent, buffer=buffer, key=key, pending=runner.pending._replace(
-        active=runner.pending.active & False)), metrics
+    actor, nothing, _ = train.act(runner.actor, runner.agent, 0)
+    return runner._replace(agent=agent, buffer=buffer, actor=actor, key=key, pending=nothing), metrics
 
 
 def train_loop(args, resuming, mesh, fns, signals):

@@ -18,6 +18,7 @@ import types
 from typing import NamedTuple
 from unittest import mock
 
+import farama_notifications
 import gymnasium
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,10 @@ from jax.experimental import io_callback
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 import jax_env
+
+# gymnasium-robotics (imported by Safety-Gymnasium) prints a notice about its Adroit tasks, which this project does not
+# use, at every start: its entry is dropped before that import.
+farama_notifications.notifications.pop("gymnasium_robotics", None)
 
 JAX_ENVS = {jax_env.ENV_ID: jax_env}  # the project's pure-JAX tasks, by env id
 

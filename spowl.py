@@ -246,9 +246,9 @@ def init_agent(key, args, obs_dim, action_dim):
     model = init_world_model(key_model, args, obs_dim, action_dim)
     policy = init_policy(key_policy, args, action_dim)
     model_opt, policy_opt = optimisers(args, model)
-    return Agent(model, targets(model), policy, model_opt.init(model), policy_opt.init(policy),
-                 jnp.asarray(args.lagrange_init, jnp.float32), jnp.asarray(args.penalty_init, jnp.float32),
-                 jnp.ones((), jnp.float32))
+    return Agent(model=model, target=targets(model), policy=policy, model_opt=model_opt.init(model),
+                 policy_opt=policy_opt.init(policy), multiplier=jnp.asarray(args.lagrange_init, jnp.float32),
+                 penalty=jnp.asarray(args.penalty_init, jnp.float32), scale=jnp.ones((), jnp.float32))
 
 
 def update(agent, batch, key, args):
@@ -280,7 +280,8 @@ def update(agent, batch, key, args):
     target = jax.tree.map(lambda t, o: t + args.tau * (o - t), agent.target, targets(model))
     info = {"model_loss": model_loss, "policy_loss": pi_loss, **terms, **pi_info, "q_target": q_target.mean(),
             "cost_value_target": cost_value_target.mean()}
-    return Agent(model, target, policy, model_state, policy_state, multiplier, penalty, pi_info["scale"]), info
+    return agent._replace(model=model, target=target, policy=policy, model_opt=model_state, policy_opt=policy_state,
+                          multiplier=multiplier, penalty=penalty, scale=pi_info["scale"]), info
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -319,7 +320,7 @@ class Round(NamedTuple):
 
 class Runner(NamedTuple):
     """A whole run between two rounds: agent, replay buffer, actor, the learner's key, and the last round's acting,
-    whose storing and updates the next round's learner makes (`pending`; inactive once a run's end settled it)."""
+    whose storing and updates the next round's learner makes (`pending`)."""
 
     agent: Agent
     buffer: replay.Buffer
@@ -463,10 +464,6 @@ def make_train(args, env, eval_env):
         nothing = zeros_like_output(act_round, actor, agent, 0)[1]  # an empty round
         return Runner(agent, jax.vmap(new_buffer)(obs), actor, key, nothing)
 
-    def settle(runner):  # the pending round stored and learned from
-        agent, buffer, key, _ = learn(runner.agent, runner.buffer, runner.key, runner.pending)
-        return Runner(agent, buffer, runner.actor, key, runner.pending._replace(active=runner.pending.active & False))
-
     def evaluate(agent, keys):
         """`eval_episodes` full episodes per seed in eval mode (see `act`), `eval_env.num_envs` at a time from fresh
         resets: returns and costs (N, eval_episodes)."""
@@ -499,8 +496,8 @@ def make_train(args, env, eval_env):
     def run(keys):
         """A whole run as one pure function of the seeds' keys, PureJaxRL-style: `jax.jit(train.run)(keys)` trains N
         seeds in one XLA program on a pure-JAX env.  The driver's rounds, one after the other, in a `lax.while_loop`
-        up to `total-timesteps`; then the last round's updates and an evaluation.  Returns the runner and the eval
-        returns and costs (N, eval_episodes)."""
+        up to `total-timesteps`, and one more in which the actor has no step left (the last round's updates); then an
+        evaluation.  Returns the runner and the eval returns and costs (N, eval_episodes)."""
 
         def one_round(runner):
             actor, acted, _ = act_round(runner.actor, runner.agent, args.total_timesteps)
@@ -508,7 +505,7 @@ def make_train(args, env, eval_env):
             return Runner(agent, buffer, actor, key, acted)
 
         running = lambda runner: runner.actor.global_step[0] < args.total_timesteps  # noqa: E731
-        runner = settle(jax.lax.while_loop(running, one_round, init(keys)))
+        runner = one_round(jax.lax.while_loop(running, one_round, init(keys)))
         eval_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, args.total_timesteps)
         return runner, evaluate(runner.agent, eval_keys)
 

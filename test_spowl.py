@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import equinox as eqx
 import jax
@@ -975,6 +976,41 @@ def test_each_launch_appends_its_provenance(tmp_path):
     assert entry["device_count"] == jax.device_count()
 
 
+class StandInWandb:
+    """A stand-in `wandb` module (wandb is not a requirement) that records each run's init arguments and logs."""
+
+    def __init__(self):
+        self.runs = []
+
+    def init(self, **kwargs):
+        run = types.SimpleNamespace(kwargs=kwargs, logged=[], finished=False)
+        run.log = lambda data, step: run.logged.append((step, data))
+        run.finish = lambda: setattr(run, "finished", True)
+        self.runs.append(run)
+        return run
+
+
+def test_track_logs_each_seed_to_a_wandb_run_of_its_own_and_resume_continues_them(tmp_path, monkeypatch):
+    """With --track and 2 seeds: one W&B run per seed, grouped under the run's name, each seed's rows in its own run;
+    a --resume (a new Logger) continues the same two runs by their ids, kept in the run directory."""
+    wandb = StandInWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    args = spowl.Args(env_id=jax_env.ENV_ID, num_seeds=2, seed=3, track=True, log_dir=str(tmp_path / "run"))
+    os.makedirs(args.log_dir)
+    for launch, resume_step in enumerate([None, 10]):
+        logger = driver.Logger(args, resume_step)
+        logger.write([{"global_step": 10 * (launch + 1), "seed": s, "losses/model": float(s)} for s in (3, 4)])
+        logger.close()
+    first, second = wandb.runs[:2], wandb.runs[2:]
+    assert [r.kwargs["name"] for r in first] == ["run/seed_3", "run/seed_4"]
+    assert {r.kwargs["group"] for r in wandb.runs} == {"run"} and [r.kwargs["config"]["seed"] for r in first] == [3, 4]
+    assert [r.kwargs["id"] for r in second] == [r.kwargs["id"] for r in first]  # the same runs, continued
+    assert len({r.kwargs["id"] for r in first}) == 2 and all(r.kwargs["resume"] == "allow" for r in wandb.runs)
+    for s, run, resumed in zip((3, 4), first, second):
+        assert run.logged == [(10, {"losses/model": float(s)})] and resumed.logged == [(20, {"losses/model": float(s)})]
+    assert all(r.finished for r in wandb.runs)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Faults: real processes and real signals (README: crash safety)
 
@@ -1266,9 +1302,9 @@ def test_checkpoint_round_trip_and_format_checks(tmp_path):
     restored, counters = driver.load_checkpoint(str(tmp_path), runner)
     assert counters == {"next_log": 10, "global_step": 7}
     np.testing.assert_array_equal(restored["params"], runner["params"])
-    with pytest.raises(ValueError, match="do not match"):  # another model size
-        driver.load_checkpoint(str(tmp_path), {**runner, "params": np.zeros((2, 4))})
-    with pytest.raises(ValueError, match="do not match"):  # more state
+    with pytest.raises(ValueError, match=re.escape("do not match this code's runner at 1 path(s): ['params']")):
+        driver.load_checkpoint(str(tmp_path), {**runner, "params": np.zeros((2, 4))})  # another model size
+    with pytest.raises(ValueError, match=re.escape("at 1 path(s): ['more']")):  # new state: named, no version bump
         driver.load_checkpoint(str(tmp_path), {**runner, "more": np.zeros(1)})
     with open(tmp_path / "checkpoint.npz", "wb") as f:  # as the code before format versions wrote it
         np.savez(f, *runner.values(), counters=json.dumps(counters))
@@ -1320,6 +1356,13 @@ def test_bad_input_is_refused_before_anything_starts(tmp_path):
     old_format.mkdir()
     (old_format / "config.json").write_text(json.dumps(dataclasses.asdict(spowl.Args(env_id=jax_env.ENV_ID))))
     np.savez(old_format / "checkpoint.npz", np.zeros(3), counters="{}")
+    truncated, bad_config = tmp_path / "truncated", tmp_path / "bad_config"  # a checkpoint cut short; a broken config
+    for run in (truncated, bad_config):
+        run.mkdir()
+        (run / "config.json").write_text((old_format / "config.json").read_text())
+    driver.save_checkpoint(str(truncated), {"x": np.arange(1000.0)}, {})
+    (truncated / "checkpoint.npz").write_bytes((truncated / "checkpoint.npz").read_bytes()[:500])
+    (bad_config / "config.json").write_text('{"env_id": "JaxPointGoal1-v0", "no_such_flag": 1}')
     cases = [
         (["--env-id", "SafetyPointGoal1Vision-v0"], "--env-id"),
         (["--num-envs", "0"], "--num-envs"),
@@ -1330,13 +1373,19 @@ def test_bad_input_is_refused_before_anything_starts(tmp_path):
         (["--resume", str(tmp_path / "missing")], "--resume"),
         (["--resume", str(old_format), "--log-dir", str(old_format)], "format version"),
         (["--ci-thresholds", "--switch-rule", "mean"], "--ci-thresholds"),
+        (["--cost-gamma", "1.5"], "--cost-gamma must be in (0, 1]"),
+        (["--tau", "0"], "--tau must be in (0, 1]"),
+        (["--dropout", "1"], "--dropout must be in [0, 1)"),
+        (["--resume", str(truncated)], f"cannot read {truncated / 'checkpoint.npz'} (BadZipFile"),
+        (["--resume", str(bad_config)], f"cannot read {bad_config / 'config.json'}"),
     ]
     for flags, name in cases:
-        if "--log-dir" not in flags:
+        if "--log-dir" not in flags and "--resume" not in flags:
             flags = [*flags, "--log-dir", str(tmp_path / "new")]
         with pytest.raises(ValueError, match=re.escape(name)):
             driver.configure(spowl.Args, flags)
-    assert sorted(os.listdir(tmp_path)) == ["old_format"] and len(os.listdir(old_format)) == 2  # nothing started
+    assert sorted(os.listdir(tmp_path)) == ["bad_config", "old_format", "truncated"]  # nothing started
+    assert len(os.listdir(old_format)) == 2
 
 
 def test_bad_input_fails_fast_with_a_one_line_error(tmp_path):
