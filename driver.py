@@ -247,18 +247,20 @@ def load_checkpoint(run_dir, template):
     return jax.tree.unflatten(jax.tree.structure(template), restored), counters
 
 
-@jax.vmap
 def continue_episodes(restored, fresh):
-    """A restored runner, settled, continuing in host envs that were just reset: take their fresh observations, and
-    mark the last stored entry as an episode end (truncated) so no loss spans the gap.  (Per seed, mapped over
-    seeds.)"""
-    last = (restored.buffer.position - 1) % restored.buffer.truncated.shape[1]
-    buffer = restored.buffer._replace(truncated=restored.buffer.truncated.at[:, last].set(True))
-    new = fresh.actor
-    zeros = jnp.zeros(new.obs.shape[0])
-    buffer = replay.add(buffer, new.obs, jnp.zeros_like(new.plan_mean[:, 0]), zeros, zeros, zeros > 0, zeros > 0)
-    actor = restored.actor._replace(obs=new.obs, ended=new.ended, plan_mean=new.plan_mean,
-                                    episode_return=new.episode_return, episode_cost=new.episode_cost)
+    """A restored runner, settled, continuing in host envs that were just reset (`fresh` is a new runner on them): take
+    their fresh observations, and mark the last stored entry as an episode end (truncated) so no loss spans the gap."""
+
+    @jax.vmap
+    def one_seed(buffer, actor, new):
+        last = (buffer.position - 1) % buffer.truncated.shape[1]
+        buffer = buffer._replace(truncated=buffer.truncated.at[:, last].set(True))
+        zeros = jnp.zeros(new.obs.shape[0])
+        buffer = replay.add(buffer, new.obs, jnp.zeros_like(new.plan_mean[:, 0]), zeros, zeros, zeros > 0, zeros > 0)
+        return buffer, actor._replace(obs=new.obs, ended=new.ended, plan_mean=new.plan_mean,
+                                      episode_return=new.episode_return, episode_cost=new.episode_cost)
+
+    buffer, actor = one_seed(restored.buffer, restored.actor, fresh.actor)
     return restored._replace(buffer=buffer, actor=actor)
 
 
