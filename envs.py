@@ -19,20 +19,21 @@ from typing import NamedTuple
 from unittest import mock
 
 import farama_notifications
-import gymnasium
-import jax
-import jax.numpy as jnp
-import numpy as np
-import xmltodict
-from gymnasium.vector.async_vector_env import AsyncState
-from jax.experimental import io_callback
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-import jax_env
-
-# gymnasium-robotics (imported by Safety-Gymnasium) prints a notice about its Adroit tasks, which this project does not
-# use, at every start: its entry is dropped before that import.
+# gymnasium-robotics, which importing Gymnasium loads as a plugin, prints a notice about its Adroit tasks (not used
+# here) at every start: its entry is dropped first.
 farama_notifications.notifications.pop("gymnasium_robotics", None)
+
+import gymnasium  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import xmltodict  # noqa: E402
+from gymnasium.vector.async_vector_env import AsyncState  # noqa: E402
+from jax.experimental import io_callback  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding  # noqa: E402
+
+import jax_env  # noqa: E402
 
 JAX_ENVS = {jax_env.ENV_ID: jax_env}  # the project's pure-JAX tasks, by env id
 

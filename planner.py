@@ -41,7 +41,7 @@ def estimate_value(model, policy, z, actions, key, cfg):
         cost = head_values(model.cost, z, action, cfg) if with_cost else jnp.zeros((1, *reward.shape))
         return next_latent(model, z, action), (reward, cost)
 
-    # The horizon is short: unrolled, the rollout is H copies of the step, with no loop to run (README, "Speed").
+    # The horizon is short: unrolled, the rollout is H copies of the step, with no loop to run (docs/compiling.md).
     z_last, (rewards, costs) = jax.lax.scan(step, jnp.broadcast_to(z, (actions.shape[1], z.shape[-1])), actions,
                                             unroll=True)
     keys = jax.random.split(key, 3)

@@ -42,8 +42,8 @@ class Args:
     learning_starts: int = 5_000
     """raw env steps of uniform random actions before planning and gradient updates start"""
     log_every: int = 5_000
-    """raw env steps between log rows, written at the first round boundary past each multiple (training does not
-    depend on this interval, nor on the two below)"""
+    """raw env steps between log rows, written at the first round boundary past each multiple (training depends on
+    none of the three intervals)"""
     eval_every: int = 50_000
     """raw env steps between evaluations (each runs beside the training after it)"""
     eval_episodes: int = 10
@@ -70,8 +70,8 @@ class Args:
     max(32, 4 x CPU count)"""
     plan_precision: Literal["float32", "bfloat16"] = "float32"
     """inputs of the networks' matrix products when acting (planning, switch, evaluation), accumulated in float32:
-    bfloat16 runs them on GPU tensor cores, where a paper-size planning call is bound by float32 arithmetic (README,
-    "Speed"); gradient updates and all parameters stay float32"""
+    bfloat16 runs them on GPU tensor cores, where a paper-size planning call is bound by float32 arithmetic
+    (docs/elementwise.md); gradient updates and all parameters stay float32"""
 
     # Agent modes (Sec. 5.1-5.2)
     planner: Literal["spowl", "tdmpc2", "cce"] = "spowl"

@@ -1012,7 +1012,7 @@ def test_track_logs_each_seed_to_a_wandb_run_of_its_own_and_resume_continues_the
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Faults: real processes and real signals (README: crash safety)
+# Faults: real processes and real signals (docs/crash-safety.md)
 
 # XLA's CPU backend at optimisation level 1 compiles in about half the time.
 def fault_env(tmp_path):
@@ -1499,7 +1499,7 @@ def test_rounds_side_by_side_in_turn_split_anywhere_and_as_one_program_give_the_
 # episodes per seed.  The defaults are tuned for 5M-step runs; four documented changes make values, and so safety,
 # learnable in this one:
 #   - a fixed multiplier lambda = 0.25 (mu tiny, no growth): the authors' schedule (lambda 1e-6, mu 5e-9) barely
-#     moves in a few thousand updates (README: where the authors' code and the paper differ);
+#     moves in a few thousand updates (README: differences from the paper);
 #   - cost discount 0.975, the reward discount: with 0.997 (a ~330-step horizon) the cost value is still far from
 #     its fixed point, so Delta, and with it the safety gradient, stays tiny;
 #   - learning rate 1e-3 and target rate tau 0.05 (defaults 3e-4, 0.01): with the defaults the Q targets are still

@@ -74,7 +74,7 @@ def mish(x):
 
 def layer_norm(x, scale, offset, by_products=True, eps=1e-5):
     """LayerNorm over the last axis.  Its mean and (biased) variance are the same averages (within 1e-6) taken one of
-    two ways, whose cost differs by backend (README, "Speed"):
+    two ways, whose cost differs by backend (docs/elementwise.md):
     - `by_products`: as products with a column of 1/n, which XLA's CPU backend computes faster than reductions over
       the minor axis, forward and backward (planning calls and updates took about 13 % less time).  A GPU's updates
       also ran faster this way, by about an eighth at paper size on an H100;
