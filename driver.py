@@ -290,7 +290,8 @@ class Logger:
         if args.track:
             import wandb
 
-            ids_path, name = os.path.join(args.log_dir, "wandb_ids.json"), os.path.basename(os.path.normpath(args.log_dir))
+            ids_path = os.path.join(args.log_dir, "wandb_ids.json")
+            name = os.path.basename(os.path.normpath(args.log_dir))
             ids = {str(s): uuid.uuid4().hex[:12] for s in seeds}
             if os.path.exists(ids_path):
                 with open(ids_path) as f:
@@ -364,7 +365,8 @@ def first_non_finite(rounds, first_seed):
         return None
     step, i, key, value = min(found)
     also = sum(1 for other in found if other[:2] == (step, i)) - 1
-    return f"{key} became {value} at step {step} (seed {first_seed + i})" + (f" (and {also} more there)" if also else "")
+    more = f" (and {also} more there)" if also else ""
+    return f"{key} became {value} at step {step} (seed {first_seed + i}){more}"
 
 
 class Tracker:
@@ -376,7 +378,7 @@ class Tracker:
     def add(self, rounds):  # {"act": ..., "update": ...}: this seed's round outputs, numpy, a leading step axis
         for side, metrics in rounds.items():
             counted = counted_steps(metrics, side)
-            for name in metrics.keys() - BOOKKEEPING:
+            for name in [name for name in metrics if name not in BOOKKEEPING]:  # in order: rows list keys alike
                 key = log_name(name, side)
                 if name in LAST_VALUE:
                     if metrics["active"].any():
