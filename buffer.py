@@ -67,3 +67,31 @@ def sample(buffer, key, batch_size, horizon):
     return Batch(obs=window(buffer.obs), action=window(buffer.action)[1:], reward=window(buffer.reward)[1:],
                  cost=window(buffer.cost)[1:], terminated=window(buffer.terminated)[1:].astype(jnp.float32),
                  valid=~ended[:-1])
+
+
+class EpisodeRest(NamedTuple):
+    obs: jax.Array  # (B, O) the start observations
+    action: jax.Array  # (B, A) the action taken there
+    cost_return: jax.Array  # (B,) sum_k gamma^k c_k over the rest of the start's episode
+    steps: jax.Array  # (B,) steps from the start to its episode's last observation (0: the start is one)
+    last_obs: jax.Array  # (B, O) the episode's last observation
+    terminated: jax.Array  # (B,) bool: the episode ended in a terminal state (nothing to bootstrap after it)
+
+
+def episode_rests(buffer, key, batch_size, length, gamma):
+    """B entries drawn uniformly, each with the Monte-Carlo discounted cost of the rest of its episode, for checking
+    the cost-value heads.  `length` bounds an episode's steps; starts lie at least that far behind the write pointer,
+    so every episode they see has ended (while the buffer holds fewer entries, the rest is cut short)."""
+    num_envs, capacity = buffer.cost.shape
+    key_env, key_start = jax.random.split(key)
+    env = jax.random.randint(key_env, (batch_size, 1), 0, num_envs)
+    oldest = jnp.where(buffer.size == capacity, buffer.position, 0)
+    start = oldest + jax.random.randint(key_start, (batch_size, 1), 0, jnp.maximum(buffer.size - length, 1))
+    index = (start + jnp.arange(length + 1)) % capacity  # (B, length + 1)
+    ended = (buffer.terminated | buffer.truncated)[env, index]
+    inside = jnp.cumsum(ended[:, :-1], -1) == 0  # step k (obs k -> obs k+1) is in the start's episode
+    steps = inside.sum(-1)
+    cost_return = (inside * gamma ** jnp.arange(length) * buffer.cost[env, index[:, 1:]]).sum(-1)
+    env, last = env[:, 0], jnp.take_along_axis(index, steps[:, None], 1)[:, 0]
+    return EpisodeRest(buffer.obs[env, index[:, 0]], buffer.action[env, index[:, 1]], cost_return, steps,
+                       buffer.obs[env, last], buffer.terminated[env, last])

@@ -59,9 +59,11 @@ def check_args(args):
         if not getattr(args, name) > 0:
             raise ValueError(f"{flag(name)} must be positive, got {getattr(args, name)}")
     for name in ["learning_starts", "lagrange_init", "penalty_growth", "entropy_coef", "cost_limit", "cost_imb_weight",
-                 "consistency_coef", "reward_coef", "value_coef", "cost_coef", "cost_value_coef"]:
+                 "consistency_coef", "reward_coef", "value_coef", "cost_coef", "cost_value_coef", "multiplier_lr"]:
         if not getattr(args, name) >= 0:
             raise ValueError(f"{flag(name)} must not be negative, got {getattr(args, name)}")
+    if args.episode_cost_limit is not None and not args.episode_cost_limit >= 0:
+        raise ValueError(f"--episode-cost-limit must not be negative, got {args.episode_cost_limit}")
     for name in ["gamma", "cost_gamma", "rho", "tau", "scale_tau"]:  # discounts and rates
         if not 0 < getattr(args, name) <= 1:
             raise ValueError(f"{flag(name)} must be in (0, 1], got {getattr(args, name)}")

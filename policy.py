@@ -47,14 +47,21 @@ def augmented_lagrangian(delta, multiplier, penalty):
     return jnp.where(active, multiplier * delta + 0.5 * penalty * delta**2, -(multiplier**2) / (2 * penalty))
 
 
-def update_multipliers(multiplier, penalty, delta, cfg):
+def update_multipliers(multiplier, penalty, delta, cfg, episode_cost=None):
     """Multiplier and penalty update of Eq. 10 as the authors implement it (`make_step` in `spowl/spowl/update.py`).
 
     lambda <- clip(lambda + mu Delta, 0, lagrange_max) with the *old* mu;  mu <- min(mu (1 + nu), penalty_max).
     (The paper prints mu = max(mu (nu + 1), 1), a typo that would make mu >= 1 from the first step; an
     unbounded lambda as in the paper is `--lagrange-max inf`.)
+    Not the paper's: with `cfg.episode_cost_limit` set, lambda instead follows the measured cost per episode,
+    lambda <- clip(lambda + multiplier_lr (episode_cost - limit), 0, lagrange_max), a Lagrangian on real costs
+    that shrinks again once the policy runs under the limit.
     """
-    multiplier = jnp.clip(multiplier + penalty * delta, 0.0, cfg.lagrange_max)
+    if cfg.episode_cost_limit is None:
+        step = penalty * delta
+    else:
+        step = cfg.multiplier_lr * (episode_cost - cfg.episode_cost_limit)
+    multiplier = jnp.clip(multiplier + step, 0.0, cfg.lagrange_max)
     penalty = jnp.minimum(penalty * (1 + cfg.penalty_growth), cfg.penalty_max)
     return multiplier, penalty
 

@@ -22,7 +22,7 @@ import buffer as replay
 import driver
 from planner import act, uses_cost
 from policy import init_policy, policy_loss, sample_action, update_multipliers
-from world_model import encode, init_world_model, targets, td_targets, world_model_loss
+from world_model import encode, head_values, init_world_model, targets, td_targets, world_model_loss
 
 
 
@@ -174,6 +174,13 @@ class Args:
     """upper bound of mu"""
     lagrange_max: float = 10.0
     """upper bound of lambda (inf: the paper's unbounded multiplier)"""
+    episode_cost_limit: Optional[float] = None
+    """not the paper's: a limit on the measured cost of a full training episode (Safety-Gymnasium's usual one is 25).
+    Set, it replaces Eq. 10's multiplier step with lambda <- clip(lambda + multiplier-lr x (C - limit), 0,
+    lagrange-max) after every update, C the cost per episode the training envs ran at in the round being learned
+    (docs/safety.md); mu keeps its schedule.  Left out: the paper's multiplier step on the predicted Delta"""
+    multiplier_lr: float = 2e-6
+    """step size of lambda per update per unit of episode cost over the limit (with --episode-cost-limit)"""
 
     # Planner (Sec. 4.3-4.4 and 5.1, Eq. 11-12, Alg. 1-2)
     horizon: int = 3
@@ -251,8 +258,10 @@ def init_agent(key, args, obs_dim, action_dim):
                  penalty=jnp.asarray(args.penalty_init, jnp.float32), scale=jnp.ones((), jnp.float32))
 
 
-def update(agent, batch, key, args):
+def update(agent, batch, key, args, episode_cost=None):
     """One SPOWL gradient update: world model (Eq. 5-6), then safe policy (Eq. 7-10), then target EMA.
+
+    `episode_cost`: the measured cost per training episode that drives the multiplier under --episode-cost-limit.
 
     Returns the new agent and a dict of the named loss terms and diagnostics (every one of them is logged).
     """
@@ -270,18 +279,48 @@ def update(agent, batch, key, args):
     # The policy sees the rolled-out latents and the *updated* value heads; under an elite rule without costs
     # (TD-MPC2) it is the plain max-entropy policy and the multipliers stay as they are.
     safe = uses_cost(args)
-    (pi_loss, pi_info), grads = eqx.filter_value_and_grad(policy_loss, has_aux=True)(
-        agent.policy, model, latents, agent.multiplier, agent.penalty, agent.scale, key_policy, args, safe)
+
+    def loss_parts(policy):  # the policy loss, its reward part and the violation Delta, whose gradients are logged
+        loss, info = policy_loss(policy, model, latents, agent.multiplier, agent.penalty, agent.scale, key_policy,
+                                 args, safe)
+        return (loss, info["reward_loss"], info["delta"]), {"policy_loss": loss, **info}
+
+    _, pullback, pi_info = eqx.filter_vjp(loss_parts, agent.policy, has_aux=True)
+    (grads,), (reward_grads,), (delta_grads,) = (pullback(tuple(one_hot)) for one_hot in jnp.eye(3))
     updates, policy_state = policy_opt.update(grads, agent.policy_opt, agent.policy)
     policy = eqx.apply_updates(agent.policy, updates)
     multiplier, penalty = agent.multiplier, agent.penalty
     if safe:
-        multiplier, penalty = update_multipliers(multiplier, penalty, pi_info["delta"], args)
+        multiplier, penalty = update_multipliers(multiplier, penalty, pi_info["delta"], args, episode_cost)
     target = jax.tree.map(lambda t, o: t + args.tau * (o - t), agent.target, targets(model))
-    info = {"model_loss": model_loss, "policy_loss": pi_loss, **terms, **pi_info, "q_target": q_target.mean(),
-            "cost_value_target": cost_value_target.mean()}
+    norm = optax.tree.norm
+    info = {"model_loss": model_loss, **terms, **pi_info, "q_target": q_target.mean(),
+            "cost_value_target": cost_value_target.mean(),
+            # How hard each part pulls the policy: the reward part, Psi (the rest of the loss), and Delta itself (the
+            # multiplier at which Psi would pull as hard as the reward part is their ratio).
+            "reward_grad_norm": norm(reward_grads),
+            "psi_grad_norm": norm(jax.tree.map(jnp.subtract, grads, reward_grads)), "delta_grad_norm": norm(delta_grads)}
     return agent._replace(model=model, target=target, policy=policy, model_opt=model_state, policy_opt=policy_state,
                           multiplier=multiplier, penalty=penalty, scale=pi_info["scale"]), info
+
+
+def cost_value_check(agent, buffer, key, args, episode_steps):
+    """The cost-value heads against Monte-Carlo cost returns from the buffer (a diagnostic, logged once a round).
+
+    At random stored states s_t with their actions a_t: the heads' prediction Q^c(s_t, a_t) (mean of all heads, no
+    dropout); the discounted cost of the rest of the episode as it happened; and the prediction of that same finite
+    sum, Q^c(s_t, a_t) - gamma_c^n Q^c(s_T, pi(s_T)), the heads' own value n steps later at the episode's last state
+    taken off (truncated episodes bootstrap, so the heads predict beyond them)."""
+    key_rest, key_action = jax.random.split(key)
+    rest = replay.episode_rests(buffer, key_rest, args.batch_size, episode_steps, args.cost_gamma)
+    model, last = agent.model, encode(agent.model, rest.last_obs)
+    predicted = head_values(model.cost_value, encode(model, rest.obs), rest.action, args).mean(0)
+    after = head_values(model.cost_value, last, sample_action(agent.policy, last, key_action, args)[0], args).mean(0)
+    episode_part = predicted - args.cost_gamma**rest.steps * jnp.where(rest.terminated, 0.0, after)
+    counted = rest.steps > 0  # a start that is its episode's last state has no rest
+    mean = lambda x: (x * counted).sum() / jnp.maximum(counted.sum(), 1)  # noqa: E731
+    return {"cost_value_pred": mean(predicted), "cost_value_pred_episode": mean(episode_part),
+            "cost_return_mc": mean(rest.cost_return)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -409,10 +448,11 @@ def make_train(args, env, eval_env):
                  "learning": jnp.broadcast_to(learning[:, None], shape)}
         return actor, Round(transitions, active, learning, metrics["global_step"][:, 0]), {**metrics, **gates}
 
-    def gradient_updates(agent, buffer, key):  # one seed: num-envs x utd-ratio updates (Eq. 5-10)
+    def gradient_updates(agent, buffer, key, episode_cost):  # one seed: num-envs x utd-ratio updates (Eq. 5-10)
         def one_update(agent, key):
             key_sample, key_update = jax.random.split(key)
-            return update(agent, replay.sample(buffer, key_sample, args.batch_size, horizon), key_update, args)
+            batch = replay.sample(buffer, key_sample, args.batch_size, horizon)
+            return update(agent, batch, key_update, args, episode_cost)
 
         agent, info = jax.lax.scan(one_update, agent, jax.random.split(key, round(num_envs * args.utd_ratio)))
         return agent, jax.tree.map(jnp.mean, info)
@@ -430,12 +470,15 @@ def make_train(args, env, eval_env):
             return jax.lax.cond(active, jax.vmap(replay.add), lambda b, *_: b, buffer, *transition), None
 
         buffer, _ = jax.lax.scan(store, buffer, (acted.transitions, acted.active))
-        key, key_updates = split(key, 2)
+        # The cost the training envs ran at in this round, per full episode (each seed's; for --episode-cost-limit).
+        cost, active = acted.transitions[3], acted.active[:, None, None]  # (K, N, E), (K, 1, 1)
+        episode_cost = (cost * active).sum((0, 2)) / jnp.maximum(active.sum() * num_envs, 1) * env.episode_steps
+        key, key_updates, key_check = split(key, 3)
 
         def learn_step(agent, inputs):
             keys, owed = inputs
             owed = owed & (buffer.size[0] > horizon)  # a window of horizon+1 entries must fit
-            agent, info = jax.lax.cond(owed, updates, skipped(updates), agent, buffer, keys)
+            agent, info = jax.lax.cond(owed, updates, skipped(updates), agent, buffer, keys, episode_cost)
             norm = lambda a: optax.tree.norm(eqx.filter((a.model, a.policy), eqx.is_inexact_array))  # noqa: E731
             metrics = {"multiplier": agent.multiplier, "penalty": agent.penalty, "param_norm": jax.vmap(norm)(agent),
                        "updated": jnp.broadcast_to(owed, agent.multiplier.shape), **info}
@@ -444,9 +487,11 @@ def make_train(args, env, eval_env):
         keys = jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, round_length))(key_updates), 0, 1)  # (K, N, 2)
         agent, metrics = jax.lax.scan(learn_step, agent, (keys, acted.active & acted.learning))
         shape = metrics["updated"].shape  # (K, N)
+        check = jax.vmap(cost_value_check, in_axes=(0, 0, 0, None, None))(agent, buffer, key_check, args,
+                                                                            env.episode_steps)
         gates = {"active": jnp.broadcast_to(acted.active[:, None], shape),
                  "global_step": jnp.broadcast_to(acted.global_step[:, None], shape)}
-        return agent, buffer, key, {**metrics, **gates}
+        return agent, buffer, key, {**metrics, **jax.tree.map(lambda x: jnp.broadcast_to(x, shape), check), **gates}
 
     def init(keys):
         key_agent, key_env, key_actor, key = split(keys, 4)
