@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 
 import driver  # noqa: E402
+import planner  # noqa: E402
 import spowl  # noqa: E402
 
 
@@ -73,6 +74,7 @@ def main():
     labels = setting_labels(groups)
     for env_id, task_groups in by_task(groups):
         plot_task(env_id, task_groups, labels, args.out)
+        plot_cost_and_multiplier(env_id, task_groups, labels, args.out)
     with open(os.path.join(args.out, args.page), "w") as f:
         f.write(render_page(groups, args))
 
@@ -236,17 +238,26 @@ def by_task(groups):
 # Table 1
 
 
+RECENT_STEPS = 20_000  # the window of the recent training cost rate
+
+
 def final_values(record):
-    """(R, C, rho x 1e4) of one seed: its last eval row's return and cost, its last training cost rate."""
+    """(R, C, rho x 1e4, recent rho x 1e4) of one seed: its last eval row's return and cost, its last training cost
+    rate, and its training cost rate over the last RECENT_STEPS raw steps, from the cumulative rates of its last row
+    and of its last row that far back (the whole run if it is shorter)."""
     last_eval = max((row for row in record.rows if "eval/return_mean" in row), key=lambda row: row["global_step"])
-    last_log = max((row for row in record.rows if "train/cost_rate" in row), key=lambda row: row["global_step"])
-    return last_eval["eval/return_mean"], last_eval["eval/cost_mean"], last_log["train/cost_rate"] * 1e4
+    rated = sorted((row["global_step"], row["train/cost_rate"]) for row in record.rows if "train/cost_rate" in row)
+    end, rate = rated[-1]
+    start, start_rate = max([(0, 0.0)] + [(step, r) for step, r in rated if step <= end - RECENT_STEPS])
+    recent = (rate * end - start_rate * start) / (end - start)
+    return last_eval["eval/return_mean"], last_eval["eval/cost_mean"], rate * 1e4, recent * 1e4
 
 
 def summarize(group):
-    """Mean and population std over seeds (as `eval/*_std` over episodes) of R, C and rho x 1e4, as a (3, 2) array;
-    the raw steps every seed reached; the median training speed in raw env steps/s per seed (None if unlogged)."""
-    values = np.array([final_values(record) for record in group.seeds])  # (seeds, 3)
+    """Mean and population std over seeds (as `eval/*_std` over episodes) of R, C, rho x 1e4 and the recent rho x 1e4,
+    as a (4, 2) array; the raw steps every seed reached; the median training speed in raw env steps/s per seed (None
+    if unlogged)."""
+    values = np.array([final_values(record) for record in group.seeds])  # (seeds, 4)
     speeds = [row["charts/SPS"] for record in group.seeds for row in record.rows if "charts/SPS" in row]
     return (np.stack([values.mean(0), values.std(0)], axis=1), min(record.steps for record in group.seeds),
             float(np.median(speeds)) if speeds else None)
@@ -277,16 +288,16 @@ def group_label(group, labels):
 
 def render_table(groups, labels):
     """Table 1 in Markdown: one row per (task, group), ours beside the paper's."""
-    lines = ["| task | method | R | R paper | C | C paper | ρ·10⁴ | ρ·10⁴ paper | seeds | steps | steps/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | method | R | R paper | C | C paper | ρ·10⁴ | ρ·10⁴ paper | ρ·10⁴ last 20k | seeds | steps | "
+             "steps/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for group in groups:
-        (r, c, rho), steps, speed = summarize(group)
+        (r, c, rho, recent), steps, speed = summarize(group)
         paper = paper_values(group)
         paper_cells = ["–"] * 3 if paper is None else [mean_std(paper[0], paper[1], 1), mean_std(paper[2], paper[3], 1),
                                                         f"{paper[4]}"]
         lines.append(f"| {group.env_id} | {group_label(group, labels)} | {mean_std(*r, 1)} | {paper_cells[0]} | "
                      f"{mean_std(*c, 1)} | {paper_cells[1]} | {mean_std(*rho, 0)} | {paper_cells[2]} | "
-                     f"{len(group.seeds)} | {steps:,} | {'–' if speed is None else f'{speed:.0f}'} |")
+                     f"{mean_std(*recent, 0)} | {len(group.seeds)} | {steps:,} | {'–' if speed is None else f'{speed:.0f}'} |")
     return "\n".join(lines)
 
 
@@ -323,11 +334,13 @@ def render_page(groups, args):
     labels = setting_labels(groups)
     intro = open(args.intro).read().strip() if args.intro else ""
     notes = (f"R and C: each seed's last evaluation (mean over its eval episodes), then mean ± std over seeds "
-             f"(population std). ρ·10⁴: each seed's last training cost rate × 10⁴. steps: raw env steps every seed "
+             f"(population std). ρ·10⁴: each seed's last training cost rate × 10⁴ (cost per raw env step over the "
+             f"whole run); last 20k: the same over its last {RECENT_STEPS:,} raw steps. steps: raw env steps every seed "
              f"reached; the paper's values are at {PAPER_STEPS:,}. steps/s: the median `charts/SPS` of the log rows, "
              f"raw env steps per second per seed while training (evaluation excluded; the seeds of one --num-seeds run "
              f"train at once), on the device the provenance names.")
-    figures = [f"![{env_id}]({figure_name(env_id)})" for env_id, _ in by_task(groups)]
+    figures = [f"![{env_id}]({name})" for env_id, _ in by_task(groups)
+               for name in (figure_name(env_id), figure_name(env_id, "cost-lambda"))]
     parts = [f"_Generated by `{command_line(args)}` from the run directories it names; edit the intro file, not "
              f"this page._", intro, "## Table 1", render_table(groups, labels), notes, render_settings(labels),
              "## Learning curves", *figures, render_provenance(groups)]
@@ -378,8 +391,48 @@ def plot_task(env_id, groups, labels, out):
     plt.close(fig)
 
 
-def figure_name(env_id):
-    return f"{env_id}.png"
+def log_curve(group, key):
+    """Log steps at which every seed logged `key`, and the mean and std over seeds there."""
+    per_seed = [{row["global_step"]: row[key] for row in record.rows if key in row} for record in group.seeds]
+    steps = sorted(set.intersection(*[set(values) for values in per_seed]))
+    values = np.array([[values[step] for step in steps] for values in per_seed]).reshape(len(per_seed), len(steps))
+    return np.array(steps), values.mean(0), values.std(0)
+
+
+def plot_cost_and_multiplier(env_id, groups, labels, out):
+    """One figure per task: the training envs' cost per episode (the episodes that ended between two log rows) and
+    the multiplier lambda (log scale; methods whose planner uses costs), against raw env steps, mean over seeds with
+    the std shaded, into out/<env_id>-cost-lambda.png."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, group in enumerate(groups):
+        label = f"{group_label(group, labels)}, {plural(len(group.seeds), 'seed')}"
+        for ax, key in zip(axes, ["train/episode_cost", "lagrange/lambda"]):
+            if key == "lagrange/lambda" and not uses_cost(group.seeds[0].config):
+                continue
+            steps, mean, std = log_curve(group, key)
+            ax.plot(steps, mean, color=f"C{i}", label=label)
+            ax.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.2)
+    axes[1].set_yscale("log")
+    for ax, name in zip(axes, ["training cost per episode", "multiplier λ"]):
+        ax.set_xlabel("raw env steps")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    legend_rows = -(-len(names) // 3)
+    fig.set_figheight(3.6 + 0.3 * legend_rows)
+    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=9, frameon=False)
+    fig.suptitle(f"{env_id}: training cost and the multiplier λ, mean ± std over seeds")
+    fig.tight_layout(rect=(0, 0.3 * legend_rows / fig.get_figheight(), 1, 1))
+    fig.savefig(os.path.join(out, figure_name(env_id, "cost-lambda")), dpi=100)
+    plt.close(fig)
+
+
+def uses_cost(config):
+    return planner.USES_COST.get(config["planner"], True)
+
+
+def figure_name(env_id, kind=None):
+    return f"{env_id}.png" if kind is None else f"{env_id}-{kind}.png"
 
 
 def plural(count, noun):

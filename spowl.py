@@ -393,6 +393,13 @@ def split(keys, num):
     return jnp.swapaxes(jax.vmap(lambda key: jax.random.split(key, num))(keys), 0, 1)
 
 
+def cost_per_episode(acted, episode_steps):
+    """The cost per full episode that a round's training envs ran at, each seed's: (N,).  (Episode resets, cost-free
+    steps, take a step in `episode_steps + 1` off the measure.)"""
+    cost, active = acted.transitions[3], acted.active[:, None, None]  # (K, N, E), (K, 1, 1)
+    return (cost * active).sum((0, 2)) / jnp.maximum(active.sum() * cost.shape[2], 1) * episode_steps
+
+
 def make_train(args, env, eval_env):
     """Pure functions of a SPOWL run over N seeds (PureJaxRL-style); `env` / `eval_env` are batched `Env`s (envs.py).
 
@@ -470,9 +477,7 @@ def make_train(args, env, eval_env):
             return jax.lax.cond(active, jax.vmap(replay.add), lambda b, *_: b, buffer, *transition), None
 
         buffer, _ = jax.lax.scan(store, buffer, (acted.transitions, acted.active))
-        # The cost the training envs ran at in this round, per full episode (each seed's; for --episode-cost-limit).
-        cost, active = acted.transitions[3], acted.active[:, None, None]  # (K, N, E), (K, 1, 1)
-        episode_cost = (cost * active).sum((0, 2)) / jnp.maximum(active.sum() * num_envs, 1) * env.episode_steps
+        episode_cost = cost_per_episode(acted, env.episode_steps)  # for --episode-cost-limit
         key, key_updates, key_check = split(key, 3)
 
         def learn_step(agent, inputs):

@@ -402,18 +402,38 @@ def test_update_steps_the_multipliers_and_only_for_safe_planners():
     agent = spowl.init_agent(jax.random.PRNGKey(0), TINY, OBS_DIM, ACTION_DIM)
     agent = agent._replace(model=perturbed_model(TINY), multiplier=jnp.float32(0.5), penalty=jnp.float32(0.2))
     batch = random_batch(jax.random.PRNGKey(1), TINY)
-    for planner in ("spowl", "tdmpc2"):
+    for planner in ("tdmpc2", "spowl"):
         new, info = UPDATE(agent, batch, jax.random.PRNGKey(2), dataclasses.replace(TINY, planner=planner))
         delta = float(info["delta"])
         assert abs(delta) > 0.05, delta  # the multiplier moves by 0.2 Delta: a dropped or flipped step shows
         if planner == "tdmpc2":
             assert float(new.multiplier) == 0.5 and float(new.penalty) == np.float32(0.2) and info["psi"] == 0
+            assert float(info["psi_grad_norm"]) == 0 and float(info["delta_grad_norm"]) > 0
             np.testing.assert_allclose(info["policy_loss"], info["reward_loss"], rtol=1e-6)
             continue
         np.testing.assert_allclose(new.multiplier, np.clip(0.5 + 0.2 * delta, 0, TINY.lagrange_max), rtol=1e-6)
         assert float(new.penalty) == np.float32(np.float32(0.2) * np.float32(1 + TINY.penalty_growth)) != 0.2
         np.testing.assert_allclose(info["psi"], augmented_lagrangian(delta, 0.5, 0.2), rtol=1e-5)
         np.testing.assert_allclose(info["policy_loss"], info["reward_loss"] + info["psi"], rtol=1e-5)
+        # The logged gradient norms: Psi's gradient is (lambda + mu Delta) times Delta's (active Psi, chain rule).
+        assert float(info["reward_grad_norm"]) > 1e-4 and float(info["delta_grad_norm"]) > 1e-4
+        np.testing.assert_allclose(info["psi_grad_norm"], (0.5 + 0.2 * delta) * info["delta_grad_norm"], rtol=1e-3)
+    assert float(info["psi_grad_norm"]) > 0  # and zero without Psi, under TD-MPC2 (checked first)
+
+
+def test_measured_cost_multiplier_steps_lambda_by_the_episode_cost_over_the_limit():
+    """--episode-cost-limit (not the paper's): lambda <- clip(lambda + lr (C - limit), 0, lambda_max) from the measured
+    cost per episode C, mu on its schedule, Delta unused; C is a round's cost per agent step times the episode's
+    steps, over the steps the actor made."""
+    cfg = dataclasses.replace(TINY, episode_cost_limit=25.0, multiplier_lr=0.01, penalty_growth=0.5)
+    for cost, expected in [(40.0, 0.65), (0.0, 0.25), (-1000.0, 0.0), (2000.0, TINY.lagrange_max)]:
+        multiplier, penalty = update_multipliers(0.5, 0.2, 123.0, cfg, cost)
+        np.testing.assert_allclose([multiplier, penalty], [expected, 0.3], rtol=1e-6)
+    k, n, e = 4, 2, 3
+    cost = jnp.arange(k * n * e, dtype=jnp.float32).reshape(k, n, e)
+    acted = spowl.Round((None, None, None, cost, None, None), jnp.array([True, True, True, False]), None, None)
+    expected = cost[:3].mean((0, 2)) * 200  # the inactive last step left out
+    np.testing.assert_allclose(spowl.cost_per_episode(acted, 200), expected, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -776,6 +796,28 @@ def test_buffer_windows_are_consecutive_and_mask_episode_ends():
     np.testing.assert_array_equal(batch.reward, t[1:])  # reward t leads to obs t+1
     np.testing.assert_array_equal(batch.valid, (t[:-1] % 7) != 6)  # step t crosses when entry t ended
     assert not batch.valid.all()
+
+
+def test_episode_rests_are_the_discounted_costs_to_each_episodes_end():
+    """The Monte-Carlo check of the cost-value heads: from a start, the discounted costs of the steps left in its
+    episode, how many, and the episode's last observation and whether it was terminal."""
+    buffer = replay.init(1, 12, 1, 1)
+    ends = {4: "truncated", 9: "terminated"}
+    for i in range(12):  # entry i: obs i, the action and cost i that led to it
+        flags = [[ends.get(i) == "terminated"], [ends.get(i) == "truncated"]]
+        buffer = replay.add(buffer, jnp.full((1, 1), float(i)), jnp.full((1, 1), i / 100), jnp.zeros(1),
+                            jnp.full(1, float(i)), *jnp.array(flags))
+    gamma = 0.9
+    rest = replay.episode_rests(buffer, jax.random.PRNGKey(0), 300, 5, gamma)
+    starts = rest.obs[:, 0].astype(int)
+    assert set(starts.tolist()) == set(range(7))  # at least `length` entries behind the write pointer
+    for i, start in enumerate(starts.tolist()):
+        last = 4 if start <= 4 else 9
+        costs = np.arange(start + 1, last + 1)
+        np.testing.assert_allclose(rest.cost_return[i], (gamma ** np.arange(len(costs)) * costs).sum(), rtol=1e-6)
+        assert rest.steps[i] == last - start and rest.last_obs[i, 0] == last
+        assert bool(rest.terminated[i]) == (last == 9)
+        np.testing.assert_allclose(rest.action[i, 0], (start + 1) / 100, rtol=1e-6)
 
 
 def test_buffer_is_fifo_and_windows_never_straddle_the_write_pointer():
@@ -1380,6 +1422,8 @@ def test_bad_input_is_refused_before_anything_starts(tmp_path):
         (["--cost-gamma", "1.5"], "--cost-gamma must be in (0, 1]"),
         (["--tau", "0"], "--tau must be in (0, 1]"),
         (["--dropout", "1"], "--dropout must be in [0, 1)"),
+        (["--episode-cost-limit", "-1"], "--episode-cost-limit must not be negative"),
+        (["--multiplier-lr", "-1e-6"], "--multiplier-lr must not be negative"),
         (["--resume", str(truncated)], f"cannot read {truncated / 'checkpoint.npz'} (BadZipFile"),
         (["--resume", str(bad_config)], f"cannot read {bad_config / 'config.json'}"),
     ]
@@ -1627,7 +1671,8 @@ def seed_rows(seed, final_return, final_cost, cost_rate, steps=4000):
     """Log rows every 1000 steps and evals every 2000 (the last eval's return and cost given), for one seed."""
     rows = []
     for step in range(1000, steps + 1, 1000):
-        row = {"global_step": step, "seed": seed, "train/cost_rate": cost_rate if step == steps else 1.0}
+        row = {"global_step": step, "seed": seed, "train/cost_rate": cost_rate if step == steps else 1.0,
+               "train/episode_cost": 10.0 * seed, "lagrange/lambda": step / 1000}
         if step % 2000 == 0:
             last = step == steps
             row.update({"eval/return_mean": final_return if last else 0.0, "eval/return_std": 1.0,
@@ -1674,21 +1719,23 @@ def test_report_table_groups_duplicates_broken_dirs_and_figures(tmp_path, capsys
     groups = report.group_seeds(report.load_seeds([str(runs)]))
     assert [(g.mode, g.flags, [s.seed for s in g.seeds]) for g in groups] == [
         ("SPOWL", (), [1, 2, 3]), ("SPOWL", ("--lr 0.001",), [1]), ("TD-MPC2", (), [1])]
-    (r, c, rho), steps, speed = report.summarize(groups[0])
-    # By hand: R 20, 24, 22 -> 22 +- sqrt(8/3); C 1, 2, 3 -> 2 +- sqrt(2/3); rho 100, 200, 300 -> 200 +- sqrt(20000/3).
-    np.testing.assert_allclose([r, c, rho], [[22, np.sqrt(8 / 3)], [2, np.sqrt(2 / 3)], [200, np.sqrt(20000 / 3)]])
+    (r, c, rho, recent), steps, speed = report.summarize(groups[0])
+    # By hand: R 20, 24, 22 -> 22 +- sqrt(8/3); C 1, 2, 3 -> 2 +- sqrt(2/3); rho 100, 200, 300 -> 200 +- sqrt(20000/3),
+    # and the same over the last 20,000 steps, as no run is longer.
+    np.testing.assert_allclose([r, c, rho, recent], [[22, np.sqrt(8 / 3)], [2, np.sqrt(2 / 3)],
+                                                     [200, np.sqrt(20000 / 3)], [200, np.sqrt(20000 / 3)]])
     assert steps == 4000 and speed is None  # the minimum over seeds; no charts/SPS logged
     table = (out / "table.md").read_text()
-    assert f"| {task} | SPOWL [a] | 22.0 ± 1.6 | 26.9 ± 0.4 | 2.0 ± 0.8 | 1.5 ± 1.1 | 200 ± 82 | 133 | 3 | 4,000 | – |" \
-        in table
-    assert f"| {task} | TD-MPC2 [a] | 25.0 ± 0.0 | 27.5 | 50.0 ± 0.0 | 52.3 | 500 ± 0 | 515 | 1 | 4,000 | – |" \
-        in table
+    assert (f"| {task} | SPOWL [a] | 22.0 ± 1.6 | 26.9 ± 0.4 | 2.0 ± 0.8 | 1.5 ± 1.1 | 200 ± 82 | 133 | 200 ± 82 | 3 | "
+            f"4,000 | – |") in table
+    assert (f"| {task} | TD-MPC2 [a] | 25.0 ± 0.0 | 27.5 | 50.0 ± 0.0 | 52.3 | 500 ± 0 | 515 | 500 ± 0 | 1 | 4,000 | "
+            f"– |") in table
     assert f"| {task} | SPOWL [b] | 10.0 ± 0.0 | 26.9 ± 0.4 |" in table
     assert "- [b] `--lr 0.001`" in table and "broken" not in table
     # The figure: per group, the mean over seeds at the eval steps all its seeds share (2000 and 4000: seed 3's run
     # evaluated at 0.0 return and 9.0 cost at 4000 and finished at 6000), and the paper's values dashed, once per
     # method.
-    [figure] = figures
+    figure, cost_figure = figures
     assert (out / f"{task}.png").stat().st_size > 10_000
     for ax, k, ylabel in zip(figure.axes, (0, 1), ("eval return per episode", "eval cost per episode")):
         assert ax.get_xlabel() == "raw env steps" and ax.get_ylabel() == ylabel
@@ -1703,6 +1750,24 @@ def test_report_table_groups_duplicates_broken_dirs_and_figures(tmp_path, capsys
         for label, values in paper.items():
             np.testing.assert_allclose(lines[label][1], values[k], err_msg=label)
     close(figure)
+    # The cost-and-multiplier figure: training cost per episode for every group, lambda for the safe ones only, at the
+    # log steps all seeds share (1000-4000).
+    assert (out / f"{task}-cost-lambda.png").stat().st_size > 10_000
+    costs, multipliers = ({line.get_label(): list(line.get_ydata()) for line in ax.lines} for ax in cost_figure.axes)
+    assert costs == {"SPOWL [a], 3 seeds": [20.0] * 4, "SPOWL [b], 1 seed": [10.0] * 4, "TD-MPC2 [a], 1 seed": [10.0] * 4}
+    assert multipliers == {"SPOWL [a], 3 seeds": [1.0, 2.0, 3.0, 4.0], "SPOWL [b], 1 seed": [1.0, 2.0, 3.0, 4.0]}
+    assert cost_figure.axes[1].get_yscale() == "log"
+    close(cost_figure)
+
+
+def test_recent_cost_rate_is_the_cost_over_the_last_20k_steps():
+    """The table's recent training cost rate: from the cumulative rates of the last row and of the last row at least
+    20,000 steps before it."""
+    rows = [{"global_step": step, "train/cost_rate": rate, "eval/return_mean": 1.0, "eval/cost_mean": 2.0}
+            for step, rate in [(5_000, 0.1), (10_000, 0.05), (15_000, 0.04), (30_000, 0.03)]]
+    record = report.Seed("run", 1, {}, rows, [])
+    # Cumulative costs: 500 at 10,000 (the last row 20,000 steps back), 900 at 30,000 -> 400 / 20,000.
+    np.testing.assert_allclose(report.final_values(record), [1.0, 2.0, 300.0, 200.0])
 
 
 def test_results_md_is_what_report_writes_from_the_committed_runs(monkeypatch):
