@@ -478,7 +478,8 @@ def make_train(args, env, eval_env):
 
         buffer, _ = jax.lax.scan(store, buffer, (acted.transitions, acted.active))
         episode_cost = cost_per_episode(acted, env.episode_steps)  # for --episode-cost-limit
-        key, key_updates, key_check = split(key, 3)
+        key, key_updates = split(key, 2)
+        key_check = jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_updates, 1)
 
         def learn_step(agent, inputs):
             keys, owed = inputs
