@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -360,6 +361,9 @@ def eval_curves(group):
     return np.array(steps), values.mean(0), values.std(0)
 
 
+THOUSANDS = matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k")  # step axes: 150k, not 150000
+
+
 def plot_task(env_id, groups, labels, out):
     """One figure per task: eval return and eval cost against raw env steps, mean +- std over seeds, the groups
     overlaid, the paper's final value dashed (once per method), into out/<env_id>.png."""
@@ -378,6 +382,7 @@ def plot_task(env_id, groups, labels, out):
                            label=f"{group.mode}, paper at {PAPER_STEPS / 1e6:g}M steps")
         drawn_paper.add(group.mode)
     for ax, name in zip(axes, ["eval return", "eval cost"]):
+        ax.xaxis.set_major_formatter(THOUSANDS)
         ax.set_xlabel("raw env steps")
         ax.set_ylabel(f"{name} per episode")
         ax.grid(alpha=0.3)
@@ -414,6 +419,7 @@ def plot_cost_and_multiplier(env_id, groups, labels, out):
             ax.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.2)
     axes[1].set_yscale("log")
     for ax, name in zip(axes, ["training cost per episode", "multiplier λ"]):
+        ax.xaxis.set_major_formatter(THOUSANDS)
         ax.set_xlabel("raw env steps")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
