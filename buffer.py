@@ -48,17 +48,23 @@ def add(buffer, obs, action, reward, cost, terminated, truncated):
     return Buffer(*stored, (buffer.position + 1) % capacity, jnp.minimum(buffer.size + 1, capacity))
 
 
+def draw_windows(buffer, key, batch_size, length, starts):
+    """B windows of `length` consecutive entries, env and start drawn uniformly and independently, the start among the
+    `starts` oldest entries: the env (B, 1) and the ring indices (B, length) of each."""
+    num_envs, capacity = buffer.cost.shape
+    key_env, key_start = jax.random.split(key)
+    env = jax.random.randint(key_env, (batch_size, 1), 0, num_envs)
+    oldest = jnp.where(buffer.size == capacity, buffer.position, 0)
+    start = oldest + jax.random.randint(key_start, (batch_size, 1), 0, starts)
+    return env, (start + jnp.arange(length)) % capacity
+
+
 def sample(buffer, key, batch_size, horizon):
     """B windows of H+1 entries: env and start drawn uniformly and independently, with replacement.
 
     Starts lie in [oldest, oldest + size - H) so a window never straddles the write pointer.  Needs size > H.
     """
-    num_envs, capacity = buffer.reward.shape
-    key_env, key_start = jax.random.split(key)
-    env = jax.random.randint(key_env, (batch_size, 1), 0, num_envs)
-    oldest = jnp.where(buffer.size == capacity, buffer.position, 0)
-    start = oldest + jax.random.randint(key_start, (batch_size, 1), 0, buffer.size - horizon)
-    index = (start + jnp.arange(horizon + 1)) % capacity  # (B, H+1)
+    env, index = draw_windows(buffer, key, batch_size, horizon + 1, buffer.size - horizon)
 
     def window(array):  # (E, C, ...) -> (H+1, B, ...)
         return jnp.swapaxes(array[env, index], 0, 1)
@@ -82,12 +88,7 @@ def episode_rests(buffer, key, batch_size, length, gamma):
     """B entries drawn uniformly, each with the Monte-Carlo discounted cost of the rest of its episode, for checking
     the cost-value heads.  `length` bounds an episode's steps; starts lie at least that far behind the write pointer,
     so every episode they see has ended (while the buffer holds fewer entries, the rest is cut short)."""
-    num_envs, capacity = buffer.cost.shape
-    key_env, key_start = jax.random.split(key)
-    env = jax.random.randint(key_env, (batch_size, 1), 0, num_envs)
-    oldest = jnp.where(buffer.size == capacity, buffer.position, 0)
-    start = oldest + jax.random.randint(key_start, (batch_size, 1), 0, jnp.maximum(buffer.size - length, 1))
-    index = (start + jnp.arange(length + 1)) % capacity  # (B, length + 1)
+    env, index = draw_windows(buffer, key, batch_size, length + 1, jnp.maximum(buffer.size - length, 1))
     ended = (buffer.terminated | buffer.truncated)[env, index]
     inside = jnp.cumsum(ended[:, :-1], -1) == 0  # step k (obs k -> obs k+1) is in the start's episode
     steps = inside.sum(-1)
