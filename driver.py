@@ -64,6 +64,8 @@ def check_args(args):
             raise ValueError(f"{flag(name)} must not be negative, got {getattr(args, name)}")
     if args.episode_cost_limit is not None and not args.episode_cost_limit >= 0:
         raise ValueError(f"--episode-cost-limit must not be negative, got {args.episode_cost_limit}")
+    if args.cost_tau is not None and not 0 < args.cost_tau <= 1:
+        raise ValueError(f"--cost-tau must be in (0, 1], got {args.cost_tau}")
     for name in ["gamma", "cost_gamma", "rho", "tau", "scale_tau"]:  # discounts and rates
         if not 0 < getattr(args, name) <= 1:
             raise ValueError(f"{flag(name)} must be in (0, 1], got {getattr(args, name)}")

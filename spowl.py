@@ -140,6 +140,10 @@ class Args:
     """cost-value aggregation in the TD target (Eq. 6, Fig. 7)"""
     tau: float = 0.01
     """EMA rate of the target ensembles"""
+    cost_tau: Optional[float] = None
+    """not the paper's: EMA rate of the cost-value target ensemble alone (unset: --tau).  A value TD-learnt at rate
+    tau and discount gamma_c converges over about 1 / (tau (1 - gamma_c)) updates; a faster cost target lets the
+    cost-value heads catch up with the real cost in a short run (docs/safety.md)"""
     lr: float = 3e-4
     """learning rate (world model and policy)"""
     enc_lr_scale: float = 0.3
@@ -292,7 +296,9 @@ def update(agent, batch, key, args, episode_cost=None):
     multiplier, penalty = agent.multiplier, agent.penalty
     if safe:
         multiplier, penalty = update_multipliers(multiplier, penalty, pi_info["delta"], args, episode_cost)
-    target = jax.tree.map(lambda t, o: t + args.tau * (o - t), agent.target, targets(model))
+    ema = lambda rate: lambda t, o: t + rate * (o - t)  # noqa: E731
+    cost_tau = args.tau if args.cost_tau is None else args.cost_tau
+    target = tuple(jax.tree.map(ema(rate), t, o) for rate, t, o in zip((args.tau, cost_tau), agent.target, targets(model)))
     norm = optax.tree.norm
     info = {"model_loss": model_loss, **terms, **pi_info, "q_target": q_target.mean(),
             "cost_value_target": cost_value_target.mean(),

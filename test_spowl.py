@@ -1424,6 +1424,7 @@ def test_bad_input_is_refused_before_anything_starts(tmp_path):
         (["--dropout", "1"], "--dropout must be in [0, 1)"),
         (["--episode-cost-limit", "-1"], "--episode-cost-limit must not be negative"),
         (["--multiplier-lr", "-1e-6"], "--multiplier-lr must not be negative"),
+        (["--cost-tau", "0"], "--cost-tau must be in (0, 1]"),
         (["--resume", str(truncated)], f"cannot read {truncated / 'checkpoint.npz'} (BadZipFile"),
         (["--resume", str(bad_config)], f"cannot read {bad_config / 'config.json'}"),
     ]
