@@ -296,9 +296,7 @@ def update(agent, batch, key, args, episode_cost=None):
     multiplier, penalty = agent.multiplier, agent.penalty
     if safe:
         multiplier, penalty = update_multipliers(multiplier, penalty, pi_info["delta"], args, episode_cost)
-    ema = lambda rate: lambda t, o: t + rate * (o - t)  # noqa: E731
-    cost_tau = args.tau if args.cost_tau is None else args.cost_tau
-    target = tuple(jax.tree.map(ema(rate), t, o) for rate, t, o in zip((args.tau, cost_tau), agent.target, targets(model)))
+    target = update_targets(agent.target, model, args)
     norm = optax.tree.norm
     info = {"model_loss": model_loss, **terms, **pi_info, "q_target": q_target.mean(),
             "cost_value_target": cost_value_target.mean(),
@@ -308,6 +306,13 @@ def update(agent, batch, key, args, episode_cost=None):
             "psi_grad_norm": norm(jax.tree.map(jnp.subtract, grads, reward_grads)), "delta_grad_norm": norm(delta_grads)}
     return agent._replace(model=model, target=target, policy=policy, model_opt=model_state, policy_opt=policy_state,
                           multiplier=multiplier, penalty=penalty, scale=pi_info["scale"]), info
+
+
+def update_targets(target, model, args):
+    """The target ensembles' EMA: Q-bar <- Q-bar + tau (Q - Q-bar), and Q^c-bar likewise at --cost-tau (unset: tau)."""
+    cost_tau = args.tau if args.cost_tau is None else args.cost_tau
+    return tuple(jax.tree.map(lambda t, o: t + rate * (o - t), old, new)
+                 for rate, old, new in zip((args.tau, cost_tau), target, targets(model)))
 
 
 def cost_value_check(agent, buffer, key, args, episode_steps):

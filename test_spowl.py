@@ -41,7 +41,7 @@ from planner import act, bootstrap_interval, estimate_value, plan, refit, select
 from policy import augmented_lagrangian, init_policy, policy_loss, update_multipliers
 from world_model import (WorldModel, aggregate, decode, encode, ensemble_apply, for_acting, init_world_model,
                          layer_norm, matmul, mish, next_latent, simnorm, symexp, symlog, td_targets, two_hot,
-                         world_model_loss)
+                         targets, world_model_loss)
 
 # The unit tests compile many small programs and run each a few times, so this process compiles at XLA's optimisation
 # level 0: a gradient update of the tiny model below compiles in 5.7 s there, against 16.3 s at level 1 (and about
@@ -419,6 +419,18 @@ def test_update_steps_the_multipliers_and_only_for_safe_planners():
         assert float(info["reward_grad_norm"]) > 1e-4 and float(info["delta_grad_norm"]) > 1e-4
         np.testing.assert_allclose(info["psi_grad_norm"], (0.5 + 0.2 * delta) * info["delta_grad_norm"], rtol=1e-3)
     assert float(info["psi_grad_norm"]) > 0  # and zero without Psi, under TD-MPC2 (checked first)
+
+
+def test_target_ensembles_move_at_tau_and_the_cost_values_at_cost_tau():
+    """Q-bar <- Q-bar + tau (Q - Q-bar); the cost-value target the same, at --cost-tau when it is set (not the
+    paper's), else at tau."""
+    old, new = targets(perturbed_model(TINY)), init_world_model(jax.random.PRNGKey(9), TINY, OBS_DIM, ACTION_DIM)
+    for cost_tau, expected in [(None, TINY.tau), (0.5, 0.5)]:
+        q, cost_value = spowl.update_targets(old, new, dataclasses.replace(TINY, cost_tau=cost_tau))
+        for rate, moved, before, after in [(TINY.tau, q, old[0], new.q), (expected, cost_value, old[1], new.cost_value)]:
+            for m, b, a in zip(*(jax.tree.leaves(eqx.filter(t, eqx.is_array)) for t in (moved, before, after))):
+                np.testing.assert_allclose(m, b + rate * (a - b), rtol=1e-5, atol=1e-6)
+    assert TINY.tau != 0.5
 
 
 def test_measured_cost_multiplier_steps_lambda_by_the_episode_cost_over_the_limit():
