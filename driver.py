@@ -58,16 +58,14 @@ def check_args(args):
     for name in positive:
         if not getattr(args, name) > 0:
             raise ValueError(f"{flag(name)} must be positive, got {getattr(args, name)}")
+    # Optional flags (None: unset) are checked only when set.
     for name in ["learning_starts", "lagrange_init", "penalty_growth", "entropy_coef", "cost_limit", "cost_imb_weight",
-                 "consistency_coef", "reward_coef", "value_coef", "cost_coef", "cost_value_coef", "multiplier_lr"]:
-        if not getattr(args, name) >= 0:
+                 "consistency_coef", "reward_coef", "value_coef", "cost_coef", "cost_value_coef", "multiplier_lr",
+                 "episode_cost_limit"]:
+        if getattr(args, name) is not None and not getattr(args, name) >= 0:
             raise ValueError(f"{flag(name)} must not be negative, got {getattr(args, name)}")
-    if args.episode_cost_limit is not None and not args.episode_cost_limit >= 0:
-        raise ValueError(f"--episode-cost-limit must not be negative, got {args.episode_cost_limit}")
-    if args.cost_tau is not None and not 0 < args.cost_tau <= 1:
-        raise ValueError(f"--cost-tau must be in (0, 1], got {args.cost_tau}")
-    for name in ["gamma", "cost_gamma", "rho", "tau", "scale_tau"]:  # discounts and rates
-        if not 0 < getattr(args, name) <= 1:
+    for name in ["gamma", "cost_gamma", "rho", "tau", "cost_tau", "scale_tau"]:  # discounts and rates
+        if getattr(args, name) is not None and not 0 < getattr(args, name) <= 1:
             raise ValueError(f"{flag(name)} must be in (0, 1], got {getattr(args, name)}")
     for name in ["dropout", "cost_dropout"]:  # probabilities
         if not 0 <= getattr(args, name) < 1:
