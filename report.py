@@ -364,21 +364,27 @@ def eval_curves(group):
 THOUSANDS = matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k")  # step axes: 150k, not 150000
 
 
+def line_style(i):
+    """The i-th group's colour and line: ten colours, solid, then the same ten dash-dotted, then dotted (the paper's
+    values are dashed)."""
+    return {"color": f"C{i % 10}", "linestyle": ("-", "-.", ":")[i // 10 % 3]}
+
+
 def plot_task(env_id, groups, labels, out):
     """One figure per task: eval return and eval cost against raw env steps, mean +- std over seeds, the groups
     overlaid, the paper's final value dashed (once per method), into out/<env_id>.png."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     drawn_paper = set()
     for i, group in enumerate(groups):
-        color = f"C{i}"
+        style = line_style(i)
         steps, mean, std = eval_curves(group)
         paper = paper_values(group)
         for k, ax in enumerate(axes):
-            ax.plot(steps, mean[:, k], color=color, marker="o", markersize=3,
+            ax.plot(steps, mean[:, k], **style, marker="o", markersize=3,
                     label=f"{group_label(group, labels)}, {plural(len(group.seeds), 'seed')}")
-            ax.fill_between(steps, mean[:, k] - std[:, k], mean[:, k] + std[:, k], color=color, alpha=0.2)
+            ax.fill_between(steps, mean[:, k] - std[:, k], mean[:, k] + std[:, k], color=style["color"], alpha=0.2)
             if paper is not None and group.mode not in drawn_paper:
-                ax.axhline(paper[2 * k], color=color, linestyle="--", linewidth=1,
+                ax.axhline(paper[2 * k], color=style["color"], linestyle="--", linewidth=1,
                            label=f"{group.mode}, paper at {PAPER_STEPS / 1e6:g}M steps")
         drawn_paper.add(group.mode)
     for ax, name in zip(axes, ["eval return", "eval cost"]):
@@ -415,8 +421,8 @@ def plot_cost_and_multiplier(env_id, groups, labels, out):
             if key == "lagrange/lambda" and not uses_cost(group.seeds[0].config):
                 continue
             steps, mean, std = log_curve(group, key)
-            ax.plot(steps, mean, color=f"C{i}", label=label)
-            ax.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.2)
+            ax.plot(steps, mean, **line_style(i), label=label)
+            ax.fill_between(steps, mean - std, mean + std, color=line_style(i)["color"], alpha=0.2)
     axes[1].set_yscale("log")
     for ax, name in zip(axes, ["training cost per episode", "multiplier λ"]):
         ax.xaxis.set_major_formatter(THOUSANDS)
