@@ -416,13 +416,13 @@ def plot_cost_and_multiplier(env_id, groups, labels, out):
     the std shaded, into out/<env_id>-cost-lambda.png."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for i, group in enumerate(groups):
-        label = f"{group_label(group, labels)}, {plural(len(group.seeds), 'seed')}"
+        label, style = f"{group_label(group, labels)}, {plural(len(group.seeds), 'seed')}", line_style(i)
         for ax, key in zip(axes, ["train/episode_cost", "lagrange/lambda"]):
             if key == "lagrange/lambda" and not uses_cost(group.seeds[0].config):
                 continue
             steps, mean, std = log_curve(group, key)
-            ax.plot(steps, mean, **line_style(i), label=label)
-            ax.fill_between(steps, mean - std, mean + std, color=line_style(i)["color"], alpha=0.2)
+            ax.plot(steps, mean, **style, label=label)
+            ax.fill_between(steps, mean - std, mean + std, color=style["color"], alpha=0.2)
     axes[1].set_yscale("log")
     for ax, name in zip(axes, ["training cost per episode", "multiplier λ"]):
         ax.xaxis.set_major_formatter(THOUSANDS)
