@@ -18,22 +18,19 @@ import types
 from typing import NamedTuple
 from unittest import mock
 
-import farama_notifications
+import gymnasium
+import jax
+import jax.numpy as jnp
+import numpy as np
+import xmltodict
+from gymnasium.vector.async_vector_env import AsyncState
+from jax.experimental import io_callback
+from jax.sharding import NamedSharding, PartitionSpec
 
-# gymnasium-robotics, which importing Gymnasium loads as a plugin, prints a notice about its Adroit tasks (not used
-# here) at every start: its entry is dropped first.
-farama_notifications.notifications.pop("gymnasium_robotics", None)
+import jax_env
+import sg_fixes
 
-import gymnasium  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import xmltodict  # noqa: E402
-from gymnasium.vector.async_vector_env import AsyncState  # noqa: E402
-from jax.experimental import io_callback  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding  # noqa: E402
-
-import jax_env  # noqa: E402
+sg_fixes.install()  # Safety-Gymnasium 1.0.0 on Python >= 3.11 and numpy 2: fixed as it loads (sg_fixes.py)
 
 JAX_ENVS = {jax_env.ENV_ID: jax_env}  # the project's pure-JAX tasks, by env id
 
@@ -41,8 +38,7 @@ JAX_ENVS = {jax_env.ENV_ID: jax_env}  # the project's pure-JAX tasks, by env id
 # Safety-Gymnasium behind a fixed-shape, next-step auto-resetting vector API (the authors' `ActionRepeat` and
 # `Autoreset` in `spowl/common/wrappers.py`)
 
-# Safety-Gymnasium is imported where it is used: version 1.0.0 imports only on Python 3.10 (on 3.11+ a dataclass
-# field with an ndarray default raises at import time), and the rest of this file must import everywhere.
+# Safety-Gymnasium is imported where it is used, so that the pure-JAX tasks run without it.
 
 
 def check_env_id(env_id: str) -> None:
@@ -285,7 +281,7 @@ def host_env(vector_env, num_seeds, obs_dim, action_dim, action_repeat, episode_
     replicated = (lambda x: x) if mesh is None else functools.partial(
         jax.lax.with_sharding_constraint, shardings=NamedSharding(mesh, PartitionSpec()))
     callback = functools.partial(io_callback, ordered=True,
-                                 sharding=None if mesh is None else SingleDeviceSharding(mesh.devices.flat[0]))
+                                 sharding=None if mesh is None else jax.sharding.make_single_device_sharding(mesh.devices.flat[0]))
 
     def host_step(action):  # (N, E, A) -> the outputs above, all seeds' workers in one vector step
         stepped = vector_step(vector_env, np.asarray(action).reshape(num_seeds * num_envs, action_dim))
