@@ -925,9 +925,9 @@ def spowl_start(*flags, env=None, new_session=False):
 
 def cached_env(tmp_path):
     """The environment for runs of one test that share their compiled programs through JAX's persistent cache (a
-    run whose flags differ only in --log-dir, --total-timesteps or --resume compiles the same programs).  jax 0.6.2
-    keeps only programs without host callbacks there: on Safety-Gymnasium that is the learner's, the slowest to
-    compile."""
+    run whose flags differ only in --log-dir, --total-timesteps or --resume compiles the same programs).  jax 0.12.1
+    keeps the programs with host callbacks there too (the actor's and the evaluation's on Safety-Gymnasium), which
+    jax 0.6.2 did not."""
     return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
