@@ -1,10 +1,10 @@
-"""Safety-Gymnasium 1.0.0, its only release, on today's Python and numpy: five fixes applied to its source as it loads.
+"""Safety-Gymnasium 1.0.0, its only release, on today's Python, numpy and mujoco: six fixes applied as it loads.
 
     import sg_fixes
     sg_fixes.install()        # before the first `import safety_gymnasium`; envs.py does this
     import safety_gymnasium
 
-The release was written for Python <= 3.10 and numpy 1. On Python >= 3.11 and numpy 2 it fails in five places:
+The release was written for Python <= 3.10, numpy 1 and mujoco 2. On today's stack it fails in six places:
 1. Python >= 3.11 rejects a dataclass field whose default is unhashable, so `color: np.array = COLOR['goal']` raises
    `ValueError: mutable default` at import (12 asset modules). The fix gives the field a `default_factory` that
    returns the very same shared array, as the default did.
@@ -15,6 +15,9 @@ The release was written for Python <= 3.10 and numpy 1. On Python >= 3.11 and nu
 4. The same, for a hinge sensor's reading passed to `float()` (Doggo, Ant).
 5. numpy 2's `np.array(x, copy=False)` raises where a copy is needed (an action given as a list). numpy 1 read it
    as "copy only if needed", which is `np.asarray(x)`.
+6. Rendering (videos) draws markers (lidar dots, a red sphere at a cost) with Gymnasium 0.28's offscreen viewer,
+   which sets `MjvGeom.texid`, a field mujoco 3.2 removed. The fix hands Safety-Gymnasium `MarkerViewer`, that
+   viewer with markers made by mujoco's own `mjv_initGeom`.
 
 The installed files stay as they are. `install()` puts a finder at the front of `sys.meta_path` that compiles the
 modules named in FIXES from their source with these edits (no bytecode is cached for them); every other module,
@@ -32,6 +35,10 @@ import importlib.machinery
 import importlib.metadata
 import importlib.util
 import sys
+
+import mujoco
+import numpy as np
+from gymnasium.envs.mujoco.mujoco_rendering import OffScreenViewer
 
 VERSION = "1.0.0"
 PACKAGE = "safety_gymnasium"
@@ -60,9 +67,27 @@ FIXES[f"{PACKAGE}.bases.base_agent"] = [
      "                theta = float(self.get_sensor(sensor)[0])  # Ensure not 1D, 1-element array"),
     ("        action = np.array(action, copy=False)  # Cast to ndarray",  # 5.
      "        action = np.asarray(action)  # Cast to ndarray")]
+FIXES[f"{PACKAGE}.bases.underlying"] = [(  # 6.
+    "from gymnasium.envs.mujoco.mujoco_rendering import OffScreenViewer",
+    "from sg_fixes import MarkerViewer as OffScreenViewer")]
 FIXES[f"{PACKAGE}.builder"] = [(  # 5.
     "        action = np.array(action, copy=False)  # cast to ndarray",
     "        action = np.asarray(action)  # cast to ndarray")]
+
+
+class MarkerViewer(OffScreenViewer):
+    """Gymnasium's offscreen viewer, with its markers made by `mujoco.mjv_initGeom` (6.)."""
+
+    def _add_marker_to_scene(self, marker: dict):
+        if self.scn.ngeom >= self.scn.maxgeom:
+            raise RuntimeError(f"Ran out of geoms. maxgeom: {self.scn.maxgeom}")
+        geom = self.scn.geoms[self.scn.ngeom]
+        size = np.zeros(3)
+        size[:len(marker["size"])] = marker["size"]
+        mujoco.mjv_initGeom(geom, marker["type"], size, np.asarray(marker["pos"], np.float64), np.eye(3).ravel(),
+                            np.asarray(marker["rgba"], np.float32))
+        geom.category, geom.label = mujoco.mjtCatBit.mjCAT_DECOR, marker.get("label", "")
+        self.scn.ngeom += 1
 
 
 def fix(module: str, source: str) -> str:

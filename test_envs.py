@@ -123,3 +123,25 @@ def test_fixes_change_nothing_on_disk_and_import_without_warnings():
                         "env.step([0.1, -0.2]); print('ok')\n")
     assert result.stdout.strip() == "ok", result.stderr
     assert [read(f) for f in files] == before
+
+
+def test_a_video_frame_draws_the_markers():
+    """Rendering as `--capture-video` does (EGL), on mujoco >= 3.2 (fix 6): after a step with a cost, the scene holds
+    Safety-Gymnasium's markers, and a frame is drawn."""
+    result = subprocess.run([sys.executable, "-c", """
+import numpy as np
+import envs
+env = envs.make_env("SafetyPointGoal1-v0", 5, 0, render=True)
+env.reset()
+rng = np.random.default_rng(0)
+while env.step(rng.uniform(-1, 1, 2))[4]["cost"] == 0:
+    pass
+frame = env.render()
+scene = env.unwrapped.task.viewer.scn
+geoms = scene.ngeom
+env.unwrapped.task.render_conf.lidar_markers, env.unwrapped.cost = False, {}
+env.render()
+print(frame.shape, int(frame.std() > 10), geoms - scene.ngeom)
+"""], capture_output=True, text=True, timeout=120, env={**os.environ, "MUJOCO_GL": "egl"})
+    # a dot per bin of the 3 lidars (goal, hazards, vases; 16 bins each), and the cost sphere
+    assert result.stdout.split("\n")[0] == f"(256, 256, 3) 1 {3 * 16 + 1}", result.stderr
