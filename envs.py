@@ -280,8 +280,8 @@ def host_env(vector_env, num_seeds, obs_dim, action_dim, action_repeat, episode_
            jax.ShapeDtypeStruct(shape, jnp.bool_), jax.ShapeDtypeStruct(shape, jnp.int32))
     replicated = (lambda x: x) if mesh is None else functools.partial(
         jax.lax.with_sharding_constraint, shardings=NamedSharding(mesh, PartitionSpec()))
-    callback = functools.partial(io_callback, ordered=True,
-                                 sharding=None if mesh is None else jax.sharding.make_single_device_sharding(mesh.devices.flat[0]))
+    sharding = None if mesh is None else jax.sharding.make_single_device_sharding(mesh.devices.flat[0])
+    callback = functools.partial(io_callback, ordered=True, sharding=sharding)
 
     def host_step(action):  # (N, E, A) -> the outputs above, all seeds' workers in one vector step
         stepped = vector_step(vector_env, np.asarray(action).reshape(num_seeds * num_envs, action_dim))

@@ -55,7 +55,8 @@ for _module, _colour in [("assets.free_geoms.push_box", "push_box"), ("assets.fr
         f"    color: np.array = COLOR['{_colour}']",
         f"    color: np.array = field(default_factory=lambda: COLOR['{_colour}'])")]
 for _module in ("assets.geoms.circle", "assets.geoms.sigwalls"):  # 1., the two that do not import `field` yet
-    FIXES[f"{PACKAGE}.{_module}"].append(("from dataclasses import dataclass", "from dataclasses import dataclass, field"))
+    FIXES[f"{PACKAGE}.{_module}"].append(("from dataclasses import dataclass",
+                                          "from dataclasses import dataclass, field"))
 FIXES[PACKAGE] = [(  # 2.
     "from safety_gymnasium.tasks.safe_multi_agent.safe_mujoco_multi import make_ma",
     "def make_ma(*args, **kwargs): from safety_gymnasium.tasks.safe_multi_agent.safe_mujoco_multi import make_ma; "

@@ -64,8 +64,8 @@ def rollout(safety_gymnasium, task, actions, nudge=0.0):
     spaces = env.unwrapped.task.obs_info.obs_space_dict  # the observation's parts, flattened as the task does
     lidar = gymnasium.spaces.utils.flatten(spaces, {name: np.full(space.shape, "lidar" in name)
                                                     for name, space in spaces.items()}) > 0
-    out = {"lidar": lidar, "reset_obs": np.asarray(obs, np.float64), "obs": [], "reward": [], "cost": [], "terminated": [],
-           "truncated": []}
+    out = {"lidar": lidar, "reset_obs": np.asarray(obs, np.float64), "obs": [], "reward": [], "cost": [],
+           "terminated": [], "truncated": []}
     for t, action in enumerate(actions, start=1):
         obs, reward, cost, terminated, truncated, _ = env.step(action)
         for name, value in (("reward", reward), ("cost", cost), ("terminated", terminated),
@@ -99,7 +99,8 @@ def differences(golden, run):
 
 def yardstick(safety_gymnasium, task, golden):
     """The largest drift of the four perturbed reruns of the released stack from `golden` (see the docstring)."""
-    runs = [differences(golden, rollout(safety_gymnasium, task, golden["actions"] * (1.0 + eps))) for eps in YARD_ACTION]
+    runs = [differences(golden, rollout(safety_gymnasium, task, golden["actions"] * (1.0 + eps)))
+            for eps in YARD_ACTION]
     runs += [differences(golden, rollout(safety_gymnasium, task, golden["actions"], nudge=eps)) for eps in YARD_STATE]
     largest = lambda name: np.max([run[name] for run in runs], axis=0)  # noqa: E731
     return {"yardstick_sensors": largest("sensors"), "yardstick_lidar": largest("lidar"),
