@@ -1,6 +1,8 @@
-"""Safety-Gymnasium 1.0.0 on the project's stack: its fixes (sg_fixes.py), and the seven Table-1 tasks stepped against
-the released package."""
+"""The install: every import satisfied, Safety-Gymnasium 1.0.0's fixes (sg_fixes.py), and the seven Table-1 tasks
+stepped against the released package."""
 
+import ast
+import glob
 import importlib
 import os
 import subprocess
@@ -69,6 +71,24 @@ def test_golden_trajectory(task):
     if golden["yardstick_ends_equal"].all():
         np.testing.assert_array_equal(np.flatnonzero(run["terminated"] | run["truncated"]),
                                       np.flatnonzero(golden["terminated"] | golden["truncated"]))
+
+
+OPTIONAL = {"wandb"}  # --track only, which names the package to install when it is missing
+
+
+def test_every_package_the_code_imports_is_installed():
+    """requirements.txt holds every package that the project's files import, at any depth (a lazy import in a
+    function included), so an install by `pip install --no-deps -r requirements.txt` lacks none."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    names = set()
+    for path in glob.glob(os.path.join(here, "*.py")) + glob.glob(os.path.join(here, "golden", "*.py")):
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module.split(".")[0])
+    missing = sorted(name for name in names - OPTIONAL if importlib.util.find_spec(name) is None)
+    assert not missing, f"imported but not installed: {missing}"
 
 
 def test_every_fix_applies_to_the_installed_release():
