@@ -26,8 +26,8 @@ and a reinstall cannot undo them. Each edit is one line for one line, so traceba
 
 Every edit states the exact 1.0.0 line it replaces. Another Safety-Gymnasium version is refused at its import, with
 one line, and so is a module whose 1.0.0 line is not there exactly once (a file edited by hand, say). `install()`
-twice installs once. No fix changes a computed value: the golden-trajectory test
-(test_envs.py) steps the seven Table-1 tasks against the released package on its own Python 3.10 stack.
+twice installs once. No fix changes a computed value: the golden-trajectory test (test_envs.py) steps the seven
+Table-1 tasks against the released package on its own Python 3.10 stack.
 """
 
 import importlib.abc
