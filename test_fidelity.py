@@ -32,7 +32,7 @@ ARGS = spowl.Args(latent_dim=rec.TINY["latent_dim"], mlp_dim=rec.TINY["mlp_dim"]
                   ci_resamples=rec.PLAN["bootstrap_samples"])
 KEY = jax.random.PRNGKey(0)  # under the setup of record_authors.py no result depends on the key
 TOLERANCE = {  # max |ours - authors'|, float32 arithmetic in another order (our mish and LayerNorm, our Adam flattened)
-    "heads": 1e-5, "td": 1e-4, "loss": 1e-5, "policy": 1e-5, "params": 1e-6, "planner": 1e-4}
+    "heads": 1e-5, "td": 1e-4, "loss": 1e-5, "update": 1e-5, "params": 1e-6, "planner": 1e-4}
 
 
 def mlp_from(arrays, name, like):
@@ -148,19 +148,24 @@ def loss_terms():
 updated = jax.jit(lambda agent, data: spowl.update(agent, data, KEY, ARGS))
 
 
-def policy_parts():
-    """The policy loss of Eq. 7-10 and its parts in one update on the batch without its episode end, and lambda and
-    mu after it.  The authors report the loss, Psi and S; their reward part is loss - Psi, and Delta comes from their
-    multiplier step, lambda' = lambda + mu Delta (unclipped here)."""
+def update_outputs():
+    """One whole update (`spowl.update`) on the batch without its episode end: its world-model loss terms and TD
+    targets, the policy loss of Eq. 7-10 and its parts, and lambda and mu after it.  The authors report the loss, Psi
+    and S; their reward part is loss - Psi, and Delta comes from their multiplier step, lambda' = lambda + mu Delta
+    (unclipped here)."""
     agent = authors_agent()
     after, info = updated(agent, batch(episode_end=False))
     g = lambda name: GOLDEN["update_no_end/" + name]  # noqa: E731
     delta = (GOLDEN["after/.lagrange_multiplier"] - rec.MULTIPLIER) / np.float32(rec.PENALTY)
-    return {"policy loss": (info["policy_loss"], g("pi_loss")), "reward part": (info["reward_loss"],
-                                                                                g("pi_loss") - g("psi")),
-            "Psi": (info["psi"], g("psi")), "Delta": (info["delta"], delta), "S": (after.scale, g("pi_scale")[0]),
-            "lambda after": (after.multiplier, GOLDEN["after/.lagrange_multiplier"]),
-            "mu after": (after.penalty, GOLDEN["after/.penalty_multiplier"])}
+    world_model = {f"update: {ours}": (info[ours], g(theirs)) for ours, theirs in (
+        ("model_loss", "total_loss"), ("consistency", "consistency_loss"), ("reward", "reward_loss"),
+        ("value", "value_loss"), ("cost", "cost_loss"), ("cost_value", "cvalue_loss"), ("q_target", "value_targets"),
+        ("cost_value_target", "cvalue_targets"))}
+    return world_model | {
+        "policy loss": (info["policy_loss"], g("pi_loss")), "reward part": (info["reward_loss"], g("pi_loss") - g("psi")),
+        "Psi (Eq. 10)": (info["psi"], g("psi")), "Delta": (info["delta"], delta), "S": (after.scale, g("pi_scale")[0]),
+        "lambda after": (after.multiplier, GOLDEN["after/.lagrange_multiplier"]),
+        "mu after": (after.penalty, GOLDEN["after/.penalty_multiplier"])}
 
 
 def parameters(updates):
@@ -228,7 +233,7 @@ def switch(agent, rule="ci"):
             "executed action": (action[0], g("action"))}
 
 
-GROUPS = {"heads": heads, "td": td, "loss": loss_terms, "policy": policy_parts,
+GROUPS = {"heads": heads, "td": td, "loss": loss_terms, "update": update_outputs,
           "params": lambda: parameters(1) | parameters(2), "planner": planner_quantities}
 
 
@@ -274,8 +279,8 @@ def test_our_consistency_term_counts_latent_entries_of_valid_rows_only():
     assert float(terms["consistency"]) > float(GOLDEN["update/consistency_loss"]) + 1e-4  # their count is larger
 
 
-def test_policy_loss_and_multipliers_match_the_authors():
-    check("policy")
+def test_update_losses_policy_loss_and_multipliers_match_the_authors():
+    check("update")
 
 
 def test_all_parameters_after_whole_updates_match_the_authors():
