@@ -32,7 +32,8 @@ ARGS = spowl.Args(latent_dim=rec.TINY["latent_dim"], mlp_dim=rec.TINY["mlp_dim"]
                   ci_resamples=rec.PLAN["bootstrap_samples"])
 KEY = jax.random.PRNGKey(0)  # under the setup of record_authors.py no result depends on the key
 TOLERANCE = {  # max |ours - authors'|, float32 arithmetic in another order (our mish and LayerNorm, our Adam flattened)
-    "heads": 1e-5, "td": 1e-4, "loss": 1e-5, "update": 1e-5, "params": 1e-6, "planner": 1e-4}
+    "heads": 1e-5, "td": 1e-4, "loss": 1e-5, "update": 1e-5, "params": 1e-6, "estimates": 1e-4,
+    "iteration": 1e-4, "iterations": 1e-4, "switch": 1e-4}
 
 
 def mlp_from(arrays, name, like):
@@ -187,19 +188,26 @@ def plan_inputs(**changes):
     return agent, z, dataclasses.replace(ARGS, **changes)
 
 
-def planner_quantities():
-    """J and J_c (Eq. 11) on given candidates; one and two MPPI iterations of `plan`: thresholds d_R, d_c (Eq. 12),
-    the number of elites and the new mean (two iterations: the mean drawn with the first's std); at a high temperature
-    (one elite takes all the weight) the plan's action.  Then the switch of `act`, fed the bootstrap keys the authors'
-    `get_action_stats` used: its bounds and executed action."""
+def estimates():
+    """J and J_c (Eq. 11) of given candidate sequences from one latent state."""
     agent, z, args = plan_inputs()
-    value, cost_value = planner.estimate_value(agent.model, agent.policy, z, jnp.asarray(GOLDEN["plan/candidates"]),
-                                               KEY, args)
-    out = {"latent z": (z, GOLDEN["plan/z"]), "J (Eq. 11)": (value, GOLDEN["plan/value"]),
-           "J_c (Eq. 11)": (cost_value, GOLDEN["plan/cost_value"])}
+    value, cost_value = jax.jit(lambda z, candidates: planner.estimate_value(agent.model, agent.policy, z, candidates,
+                                                                             KEY, args))(
+        z, jnp.asarray(GOLDEN["plan/candidates"]))
+    return {"latent z": (z, GOLDEN["plan/z"]), "J (Eq. 11)": (value, GOLDEN["plan/value"]),
+            "J_c (Eq. 11)": (cost_value, GOLDEN["plan/cost_value"])}
+
+
+def plans(cases):
+    """`plan` in eval mode for each of `cases`: "iteration" (one MPPI iteration), "iterations2" (two: the second draws
+    its samples with the first's std), "no_switch" (two at a high temperature, where one elite takes all the weight):
+    the thresholds d_R, d_c (Eq. 12) and the number of elites of the last iteration, the new mean, and in the last
+    case the plan's action."""
+    agent, z, _ = plan_inputs()
+    out = {}
     prev_mean = jnp.asarray(GOLDEN["prev_mean"])
-    for name, changes in {"iteration": {}, "iterations2": dict(iterations=2),
-                          "no_switch": dict(temperature=50.0, iterations=2)}.items():
+    changes_of = {"iteration": {}, "iterations2": dict(iterations=2), "no_switch": dict(temperature=50.0, iterations=2)}
+    for name, changes in ((case, changes_of[case]) for case in cases):
         g = lambda k: GOLDEN[f"plan_{name}_eval/{k}"]  # noqa: E731,B023
         args = dataclasses.replace(ARGS, **changes)
         action, mean, info = jax.jit(lambda z: planner.plan(agent.model, agent.policy, z, prev_mean, 0.0, 0.0, KEY,
@@ -210,13 +218,13 @@ def planner_quantities():
                 f"{name}: no improvement": (info["no_improvement"], g("no_improvement"))}
         if name == "no_switch":
             out[f"{name}: plan action"] = (action, g("action"))
-    out |= switch(agent)
     return out
 
 
 def switch(agent, rule="ci"):
-    """`act` in eval mode at a high temperature, its bootstrap draws made with the authors' keys (the first interval
-    is the Q heads', the second the cost-value heads')."""
+    """The switch of `act` (eval mode, a high temperature), its bootstrap draws made with the keys the authors'
+    `get_action_stats` used (the first interval is the Q heads', the second the cost-value heads'): its bounds, its
+    decision and the executed action."""
     keys = iter(jnp.asarray(GOLDEN[f"plan/key_{name}"]) for name in ("q_boot", "cost_boot"))
     interval = planner.bootstrap_interval
     with_their_key = lambda values, key, cfg: interval(values, next(keys), cfg)  # noqa: E731
@@ -234,7 +242,9 @@ def switch(agent, rule="ci"):
 
 
 GROUPS = {"heads": heads, "td": td, "loss": loss_terms, "update": update_outputs,
-          "params": lambda: parameters(1) | parameters(2), "planner": planner_quantities}
+          "params": lambda: parameters(1) | parameters(2), "estimates": estimates,
+          "iteration": lambda: plans(["iteration"]), "iterations": lambda: plans(["iterations2", "no_switch"]),
+          "switch": lambda: switch(authors_agent())}
 
 
 def worst(pairs):
@@ -287,26 +297,45 @@ def test_all_parameters_after_whole_updates_match_the_authors():
     check("params")
 
 
-def test_planner_and_switch_match_the_authors():
-    check("planner")
+def test_planner_estimates_match_the_authors():
+    check("estimates")
 
 
-def test_paper_flags_differ_from_the_authors_as_documented():
+def test_one_planner_iteration_matches_the_authors():
+    check("iteration")
+
+
+def test_two_planner_iterations_and_the_plan_action_match_the_authors():
+    check("iterations")
+
+
+def test_switch_matches_the_authors():
+    check("switch")
+
+
+def test_plan_cost_agg_max_differs_from_the_authors_as_documented():
     """`--plan-cost-agg max` (the paper's Eq. 11) adds sum_t gamma_c^t (max_j - mean_j) c_j(z_t, a_t) to the authors'
-    J_c; `--switch-rule mean` (the paper's Alg. 2) bounds by the policy action's head means, which lie inside the
-    authors' bootstrap intervals."""
+    J_c."""
     agent, z, args = plan_inputs(plan_cost_agg="max")
-    candidates = jnp.asarray(GOLDEN["plan/candidates"])
-    _, cost_value = planner.estimate_value(agent.model, agent.policy, z, candidates, KEY, args)
 
-    def step(z, action):
-        return next_latent(agent.model, z, action), head_values(agent.model.cost, z, action, args)
+    @jax.jit
+    def estimate_and_gap(z, candidates):  # J_c, and the cost heads' max - mean along each sequence's latents
+        def step(z, action):
+            return next_latent(agent.model, z, action), head_values(agent.model.cost, z, action, args)
 
-    _, costs = jax.lax.scan(step, jnp.broadcast_to(z, (candidates.shape[1], z.shape[-1])), candidates)
-    gap = args.cost_gamma ** jnp.arange(args.horizon) @ (costs.max(1) - costs.mean(1))
+        _, costs = jax.lax.scan(step, jnp.broadcast_to(z, (candidates.shape[1], z.shape[-1])), candidates)
+        gap = args.cost_gamma ** jnp.arange(args.horizon) @ (costs.max(1) - costs.mean(1))
+        return planner.estimate_value(agent.model, agent.policy, z, candidates, KEY, args)[1], gap
+
+    cost_value, gap = estimate_and_gap(z, jnp.asarray(GOLDEN["plan/candidates"]))
     assert float(gap.min()) > 1e-3
-    np.testing.assert_allclose(cost_value, GOLDEN["plan/cost_value"] + gap, atol=TOLERANCE["planner"])
+    np.testing.assert_allclose(cost_value, GOLDEN["plan/cost_value"] + gap, atol=TOLERANCE["estimates"])
 
+
+def test_switch_rule_mean_differs_from_the_authors_as_documented():
+    """`--switch-rule mean` (the paper's Alg. 2) bounds by the policy action's head means, which lie inside the
+    authors' bootstrap intervals."""
+    agent, z, args = plan_inputs()
     info = switch(agent, rule="mean")
     policy_action = deterministic_action(agent.policy, z)
     q_mean = decode(ensemble_apply(agent.model.q, jnp.concatenate([z, policy_action])), args).mean()
