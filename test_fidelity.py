@@ -125,7 +125,7 @@ def authors_consistency(model, data, latents, z_next):
     valid = data.valid.astype(jnp.float32)
     z_pred = next_latent(model, latents[:-1], data.action)
     squares = (((z_pred - z_next) ** 2).sum(-1) * valid).sum(-1)
-    count = valid.size / valid.shape[0] * z_next.shape[-1] - (1 - valid).sum(-1)
+    count = valid.shape[1] * z_next.shape[-1] - (1 - valid).sum(-1)  # B L - n
     return (ARGS.rho ** jnp.arange(data.action.shape[0]) * squares / count).mean()
 
 
@@ -163,7 +163,8 @@ def update_outputs():
         ("value", "value_loss"), ("cost", "cost_loss"), ("cost_value", "cvalue_loss"), ("q_target", "value_targets"),
         ("cost_value_target", "cvalue_targets"))}
     return world_model | {
-        "policy loss": (info["policy_loss"], g("pi_loss")), "reward part": (info["reward_loss"], g("pi_loss") - g("psi")),
+        "policy loss": (info["policy_loss"], g("pi_loss")),
+        "reward part": (info["reward_loss"], g("pi_loss") - g("psi")),
         "Psi (Eq. 10)": (info["psi"], g("psi")), "Delta": (info["delta"], delta), "S": (after.scale, g("pi_scale")[0]),
         "lambda after": (after.multiplier, GOLDEN["after/.lagrange_multiplier"]),
         "mu after": (after.penalty, GOLDEN["after/.penalty_multiplier"])}
@@ -178,8 +179,8 @@ def parameters(updates):
         agent, _ = updated(agent, data)
     theirs = convert(GOLDEN, {1: "after/", 2: "after2/"}[updates], agent)
     flat = lambda a: jax.tree_util.tree_leaves_with_path((a.model, a.target, a.policy))  # noqa: E731
-    return {f"after {updates} update(s): {jax.tree_util.keystr(path)}": (ours, mine)
-            for (path, ours), (_, mine) in zip(flat(agent), flat(theirs))}
+    return {f"after {updates} update(s): {jax.tree_util.keystr(path)}": (ours, authors)
+            for (path, ours), (_, authors) in zip(flat(agent), flat(theirs))}
 
 
 def plan_inputs(**changes):
@@ -207,9 +208,10 @@ def plans(cases):
     out = {}
     prev_mean = jnp.asarray(GOLDEN["prev_mean"])
     changes_of = {"iteration": {}, "iterations2": dict(iterations=2), "no_switch": dict(temperature=50.0, iterations=2)}
-    for name, changes in ((case, changes_of[case]) for case in cases):
+    for name in cases:
         g = lambda k: GOLDEN[f"plan_{name}_eval/{k}"]  # noqa: E731,B023
-        args = dataclasses.replace(ARGS, **changes)
+        args = dataclasses.replace(ARGS, **changes_of[name])
+        # (the switch's bounds, 0.0 here, are the planner's thresholds only under --ci-thresholds)
         action, mean, info = jax.jit(lambda z: planner.plan(agent.model, agent.policy, z, prev_mean, 0.0, 0.0, KEY,
                                                             args, eval_mode=True))(z)  # noqa: B023
         out |= {f"{name}: mean": (mean, g("mean")), f"{name}: d_R (Eq. 12)": (info["d_reward"], g("value_threshold")),

@@ -43,12 +43,13 @@ TINY = dict(num_enc_layers=2, enc_dim=16, latent_dim=16, simnorm_dim=8, mlp_dim=
             cm_dropout=0.0, num_q=2, dropout=0.0, log_std_min=-10.0, log_std_max=2.0, lagrange_multiplier_init=1e-6,
             penalty_multiplier_init=5e-9, vmin=-10.0, vmax=10.0, c_random_agg=3, use_cost=True, use_decoder=False)
 OPT = dict(lr=3e-4, enc_lr_scale=0.3, grad_clip_norm=20.0)
-UPD = dict(cost_discount=0.997, cvalue_target="avg", entropy_coef=1e-4, minimal_cost=0, cost_imb_weight=10,
-           rho=0.5, tau=0.01, use_lagrange=True, lag_cost_type="avg", cost_limit=0.1, lagrange_max=10, penalty_rate=5e-6,
+UPD = dict(cost_discount=0.997, cvalue_target="avg", entropy_coef=1e-4, minimal_cost=0, cost_imb_weight=10, rho=0.5,
+           tau=0.01, use_lagrange=True, lag_cost_type="avg", cost_limit=0.1, lagrange_max=10, penalty_rate=5e-6,
            loss_coefs=dict(consistency_loss=20, reward_loss=0.1, cost_loss=0.1, value_loss=0.1, cvalue_loss=0.1,
                            decoder_loss=0.0))
 GAMMA, SCALE_TAU = 0.975, 0.01
-MULTIPLIER, PENALTY, SCALE = 0.5, 0.1, 1.7  # lambda, mu and S before the update (Psi's active branch: lambda + mu Delta > 0)
+# lambda, mu and S before the update: Psi on its active branch (lambda + mu Delta > 0), lambda unclipped after it
+MULTIPLIER, PENALTY, SCALE = 0.5, 0.1, 1.7
 PLAN = dict(horizon=HORIZON, num_pi_trajs=4, num_samples=16, min_std=0.05, max_std=2.0, plan_method="adaptive",
             num_elites=4, temperature=0.5, momentum=0.0, iterations=1, threshold=0.1, use_local_cost=True,
             bootstrap_samples=100, bootstrap_ci=95, use_ci_thresholds=False, restrict_elites=True,
