@@ -155,8 +155,7 @@ def record(authors):
     no_end = (*data[:-1], jnp.zeros_like(data[-1]))
     mets, after, *states = step(model, no_end, opt_state, scale, pi_opt_state)
     out |= {"update_no_end/" + k: np.asarray(v) for k, v in mets.items()} | flat(after, "after/")
-    mets, after, *_ = step(after, no_end, *states)
-    out |= {"update_no_end2/" + k: np.asarray(v) for k, v in mets.items()} | flat(after, "after2/")
+    out |= flat(step(after, no_end, *states)[1], "after2/")
 
     # The planner on one latent state: J and J_c of given candidates, then whole `plan` calls.
     z = model.encode(jnp.asarray(inputs["plan_obs"]), key)
@@ -171,17 +170,15 @@ def record(authors):
     for name, params in {"iteration": {}, "iterations2": dict(iterations=2),
                          "switch": dict(temperature=50.0, iterations=2, restrict_action=True),
                          "no_switch": dict(temperature=50.0, iterations=2)}.items():
-        for eval_mode in (True, False) if name == "iteration" else (True,):
-            a, mean, metrics = policies.plan(model, None, key, {"reward": z, "cost": z},
-                                             jnp.asarray(inputs["prev_mean"]), GAMMA, cfg.cost_discount, eval_mode,
-                                             **(PLAN | params))
-            tag = f"plan_{name}_{'eval' if eval_mode else 'train'}/"
-            out |= {tag + "action": a, tag + "mean": mean} | {tag + k: v for k, v in metrics.items()}
+        a, mean, metrics = policies.plan(model, None, key, {"reward": z, "cost": z}, jnp.asarray(inputs["prev_mean"]),
+                                         GAMMA, cfg.cost_discount, True, **(PLAN | params))  # eval mode
+        out |= {f"plan_{name}_eval/{k}": v for k, v in ({"action": a, "mean": mean} | metrics).items()}
     # The keys `plan` hands its bootstrap draws (`get_action_stats`): cost values' third split, values' fourth.
     stats_key = jax.random.split(jax.random.split(key)[0])[1]
     for name in ("q", "cost", "cost_boot", "q_boot"):
         stats_key, sub = jax.random.split(stats_key)
-        out[f"plan/key_{name}"] = jax.random.key_data(sub)
+        if name.endswith("_boot"):
+            out[f"plan/key_{name}"] = jax.random.key_data(sub)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
