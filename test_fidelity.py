@@ -8,6 +8,7 @@ the authors' code is not needed.  `python test_fidelity.py` prints the table of 
 
 import dataclasses
 import functools
+import os
 import sys
 
 import jax
@@ -23,10 +24,12 @@ from policy import deterministic_action, sample_action
 from world_model import (decode, encode, ensemble_apply, head_values, next_latent, td_targets, world_model_loss,
                          WorldModel)
 
-GOLDEN = rec.load()
-ARGS = spowl.Args(latent_dim=rec.TINY["latent_dim"], mlp_dim=rec.TINY["mlp_dim"], enc_dim=rec.TINY["enc_dim"],
-                  num_q=rec.TINY["num_q"], num_cost_heads=rec.TINY["num_c"], dropout=0.0, cost_dropout=0.0,
-                  num_bins=rec.TINY["num_bins"], q_subsample=rec.TINY["num_q"], cost_subsample=rec.TINY["c_random_agg"],
+GOLDEN = rec.load(os.environ.get("FIDELITY_GOLDEN", rec.GOLDEN))  # or another recording (docs/fidelity.md)
+SIZE = {name: int(GOLDEN["size/" + name]) for name in rec.SIZES["tiny"]}
+ARGS = spowl.Args(latent_dim=SIZE["latent_dim"], mlp_dim=SIZE["mlp_dim"], enc_dim=SIZE["enc_dim"],
+                  num_bins=SIZE["num_bins"], num_q=rec.WORLD_MODEL["num_q"], num_cost_heads=rec.WORLD_MODEL["num_c"],
+                  dropout=0.0, cost_dropout=0.0, q_subsample=rec.WORLD_MODEL["num_q"],
+                  cost_subsample=rec.WORLD_MODEL["c_random_agg"],
                   batch_size=rec.BATCH, horizon=rec.HORIZON, num_samples=rec.PLAN["num_samples"],
                   num_pi_trajs=rec.PLAN["num_pi_trajs"], num_elites=rec.PLAN["num_elites"], iterations=1,
                   ci_resamples=rec.PLAN["bootstrap_samples"])
@@ -65,7 +68,7 @@ def convert(arrays, prefix, agent):
 @functools.cache
 def authors_agent():
     """Our agent with the authors' parameters, lambda, mu and S before the update, and fresh optimiser states."""
-    layout = jax.eval_shape(lambda: spowl.init_agent(KEY, ARGS, rec.OBS_DIM, rec.ACTION_DIM))
+    layout = jax.eval_shape(lambda: spowl.init_agent(KEY, ARGS, SIZE["obs_dim"], rec.ACTION_DIM))
     agent = convert(GOLDEN, "params/", layout)
     model_opt, policy_opt = spowl.optimisers(ARGS, agent.model)
     return agent._replace(model_opt=model_opt.init(agent.model), policy_opt=policy_opt.init(agent.policy),

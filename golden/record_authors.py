@@ -8,7 +8,7 @@ project's stack with omegaconf added (hydra-core too, which their train.py needs
     /tmp/authors-venv/bin/pip install hydra-core omegaconf
     PYTHONPATH=/tmp/authors /tmp/authors-venv/bin/python golden/record_authors.py /tmp/authors   # a few seconds
 
-(COMMIT below.)  It builds their world model at a tiny size (TINY), moves every parameter off its initial value
+(COMMIT below.)  It builds their world model at a tiny size (SIZES), moves every parameter off its initial value
 (zero last layers would make every head predict 0), and records, on one batch and one latent state:
 - the parameters, in their module layout (`test_fidelity.convert` maps them onto ours);
 - the encoder, dynamics, reward, cost, Q and cost-value heads' raw outputs, and Eq. 6's TD targets (`_td_target`);
@@ -38,9 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 GOLDEN = pathlib.Path(__file__).with_name("authors.npz")
-OBS_DIM, ACTION_DIM, HORIZON, BATCH = 6, 2, 3, 4
-TINY = dict(num_enc_layers=2, enc_dim=16, latent_dim=16, simnorm_dim=8, mlp_dim=16, num_bins=21, num_c=3,
-            cm_dropout=0.0, num_q=2, dropout=0.0, log_std_min=-10.0, log_std_max=2.0, lagrange_multiplier_init=1e-6,
+ACTION_DIM, HORIZON, BATCH = 2, 3, 4
+SIZES = {  # the observation size and layer widths: tiny for the golden file, or the paper's (a Point task's 60 obs)
+    "tiny": dict(obs_dim=6, enc_dim=16, latent_dim=16, mlp_dim=16, num_bins=21),
+    "paper": dict(obs_dim=60, enc_dim=256, latent_dim=512, mlp_dim=512, num_bins=101)}
+WORLD_MODEL = dict(num_enc_layers=2, simnorm_dim=8, num_c=3, cm_dropout=0.0, num_q=2, dropout=0.0, log_std_min=-10.0, log_std_max=2.0, lagrange_multiplier_init=1e-6,
             penalty_multiplier_init=5e-9, vmin=-10.0, vmax=10.0, c_random_agg=3, use_cost=True, use_decoder=False)
 OPT = dict(lr=3e-4, enc_lr_scale=0.3, grad_clip_norm=20.0)
 UPD = dict(cost_discount=0.997, cvalue_target="avg", entropy_coef=1e-4, minimal_cost=0, cost_imb_weight=10, rho=0.5,
@@ -69,7 +71,7 @@ def fixed_normal(noise):
     return normal
 
 
-def case(seed=0):
+def case(obs_dim, seed=0):
     """The inputs: a batch (H+1 observations, H transitions, one episode end inside), a latent state, a warm start
     and the MPPI noise table."""
     rng = np.random.default_rng(seed)
@@ -79,10 +81,10 @@ def case(seed=0):
     term = np.zeros((HORIZON, BATCH, 1), np.float32)
     term[2, 0] = 1.0  # window 0's last transition is terminal
     cost = (rng.random((HORIZON, BATCH, 1)) < 0.4).astype(np.float32) * f32(rng.uniform(0.5, 2, (HORIZON, BATCH, 1)))
-    return dict(obs=f32(rng.normal(size=(HORIZON + 1, BATCH, OBS_DIM))),
+    return dict(obs=f32(rng.normal(size=(HORIZON + 1, BATCH, obs_dim))),
                 action=f32(rng.uniform(-1, 1, (HORIZON, BATCH, ACTION_DIM))),
                 reward=f32(rng.normal(0, 2, (HORIZON, BATCH, 1))), cost=cost, term=term, done=done,
-                plan_obs=f32(rng.normal(size=OBS_DIM)), prev_mean=f32(rng.uniform(-0.5, 0.5, (HORIZON, ACTION_DIM))),
+                plan_obs=f32(rng.normal(size=obs_dim)), prev_mean=f32(rng.uniform(-0.5, 0.5, (HORIZON, ACTION_DIM))),
                 noise=f32(rng.normal(size=NOISE_SHAPE)))
 
 
@@ -107,24 +109,27 @@ def flat(tree, prefix):
             if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)}
 
 
-def record(authors):
+def record(authors, size):
     import equinox as eqx
     from omegaconf import OmegaConf
     from spowl.spowl import math, policies, update
     from spowl.spowl.scale import RunningScale
     from spowl.spowl.world_model import make_world_model
 
-    inputs = case()
+    sizes = SIZES[size]
+    obs_dim = sizes["obs_dim"]
+    inputs = case(obs_dim)
     cfg = OmegaConf.create(UPD)
     model, (filter_spec, optim, opt_state), (pi_spec, pi_optim, pi_opt_state) = make_world_model(
-        0, OBS_DIM, ACTION_DIM, SimpleNamespace(**TINY), SimpleNamespace(**OPT))
+        0, obs_dim, ACTION_DIM, SimpleNamespace(**WORLD_MODEL, **{k: v for k, v in sizes.items() if k != "obs_dim"}),
+        SimpleNamespace(**OPT))
     model = perturb(model, jax.random.key(1))
     model = eqx.tree_at(lambda m: (m.lagrange_multiplier, m.penalty_multiplier), model,
                         (jnp.float32(MULTIPLIER), jnp.float32(PENALTY)))
     jax.random.normal = fixed_normal(inputs["noise"])  # from here on, both sides' Gaussian draws (docstring)
     scale = eqx.tree_at(lambda s: s._value, RunningScale(SCALE_TAU), jnp.full(1, SCALE, jnp.float32))
     out = {"commit": subprocess.check_output(["git", "-C", authors, "rev-parse", "HEAD"], text=True).strip()}
-    out |= {k: v for k, v in inputs.items()}
+    out |= {"size/" + k: v for k, v in sizes.items()} | inputs
     out |= flat(model, "params/")
 
     # Heads on the batch's first step, and the TD targets of Eq. 6 on every step.
@@ -139,7 +144,7 @@ def record(authors):
     out["head/cost_value"] = jax.vmap(model.C)(jax.random.split(key, BATCH), z, action[0])
     out["head/target_q"] = jax.vmap(lambda k, z, a: model.Q(k, z, a, target=True))(jax.random.split(key, BATCH), z,
                                                                                     action[0])
-    flat_next = jax.vmap(model.encode)(obs[1:].reshape(-1, OBS_DIM), jax.random.split(key, HORIZON * BATCH))
+    flat_next = jax.vmap(model.encode)(obs[1:].reshape(-1, obs_dim), jax.random.split(key, HORIZON * BATCH))
     td = jax.vmap(update._td_target, in_axes=(None, 0, 0, 0, 0, 0, None, None, None))(
         model, jax.random.split(key, HORIZON * BATCH), flat_next, inputs["reward"].reshape(-1, 1),
         inputs["cost"].reshape(-1, 1), inputs["term"].reshape(-1, 1), GAMMA, cfg.cost_discount, cfg.cvalue_target)
@@ -182,12 +187,15 @@ def record(authors):
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def load():
-    with np.load(GOLDEN) as f:
+def load(path=GOLDEN):
+    with np.load(path) as f:
         return dict(f)
 
 
 if __name__ == "__main__":
-    golden = record(sys.argv[1])
-    np.savez_compressed(GOLDEN, **golden)
-    print(f"{GOLDEN}: {len(golden)} arrays, authors' commit {golden['commit']}")
+    authors = sys.argv[1]  # the authors' checkout; then optionally a size of SIZES and an output file
+    size = sys.argv[2] if len(sys.argv) > 2 else "tiny"
+    path = sys.argv[3] if len(sys.argv) > 3 else GOLDEN
+    golden = record(authors, size)
+    np.savez_compressed(path, **golden)
+    print(f"{path}: {len(golden)} arrays, authors' commit {golden['commit']}")
