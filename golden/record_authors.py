@@ -6,10 +6,11 @@ project's stack with omegaconf added (hydra-core too, which their train.py needs
     git clone https://github.com/AIRI-Institute/SPOWL /tmp/authors && git -C /tmp/authors checkout COMMIT
     python3.12 -m venv /tmp/authors-venv && /tmp/authors-venv/bin/pip install --no-deps -r requirements.txt
     /tmp/authors-venv/bin/pip install hydra-core omegaconf
-    PYTHONPATH=/tmp/authors /tmp/authors-venv/bin/python golden/record_authors.py /tmp/authors   # a few seconds
+    PYTHONPATH=/tmp/authors /tmp/authors-venv/bin/python golden/record_authors.py /tmp/authors   # 2 minutes on 2 cores
 
-(COMMIT below.)  It builds their world model at a tiny size (SIZES), moves every parameter off its initial value
-(zero last layers would make every head predict 0), and records, on one batch and one latent state:
+(COMMIT below; `... record_authors.py /tmp/authors paper OUT.npz` records the same at the paper's layer widths into
+OUT.npz, docs/fidelity.md.)  It builds their world model at a tiny size (SIZES), moves every parameter off its
+initial value (zero last layers would make every head predict 0), and records, on one batch and one latent state:
 - the parameters, in their module layout (`test_fidelity.convert` maps them onto ours);
 - the encoder, dynamics, reward, cost, Q and cost-value heads' raw outputs, and Eq. 6's TD targets (`_td_target`);
 - one whole update (`make_step`): every world-model loss term, the policy loss, Psi, the scale S, lambda and mu, and
@@ -42,8 +43,9 @@ ACTION_DIM, HORIZON, BATCH = 2, 3, 4
 SIZES = {  # the observation size and layer widths: tiny for the golden file, or the paper's (a Point task's 60 obs)
     "tiny": dict(obs_dim=6, enc_dim=16, latent_dim=16, mlp_dim=16, num_bins=21),
     "paper": dict(obs_dim=60, enc_dim=256, latent_dim=512, mlp_dim=512, num_bins=101)}
-WORLD_MODEL = dict(num_enc_layers=2, simnorm_dim=8, num_c=3, cm_dropout=0.0, num_q=2, dropout=0.0, log_std_min=-10.0, log_std_max=2.0, lagrange_multiplier_init=1e-6,
-            penalty_multiplier_init=5e-9, vmin=-10.0, vmax=10.0, c_random_agg=3, use_cost=True, use_decoder=False)
+WORLD_MODEL = dict(num_enc_layers=2, simnorm_dim=8, num_c=3, cm_dropout=0.0, num_q=2, dropout=0.0, log_std_min=-10.0,
+                   log_std_max=2.0, lagrange_multiplier_init=1e-6, penalty_multiplier_init=5e-9, vmin=-10.0, vmax=10.0,
+                   c_random_agg=3, use_cost=True, use_decoder=False)
 OPT = dict(lr=3e-4, enc_lr_scale=0.3, grad_clip_norm=20.0)
 UPD = dict(cost_discount=0.997, cvalue_target="avg", entropy_coef=1e-4, minimal_cost=0, cost_imb_weight=10, rho=0.5,
            tau=0.01, use_lagrange=True, lag_cost_type="avg", cost_limit=0.1, lagrange_max=10, penalty_rate=5e-6,
@@ -112,7 +114,7 @@ def flat(tree, prefix):
 def record(authors, size):
     import equinox as eqx
     from omegaconf import OmegaConf
-    from spowl.spowl import math, policies, update
+    from spowl.spowl import policies, update
     from spowl.spowl.scale import RunningScale
     from spowl.spowl.world_model import make_world_model
 
