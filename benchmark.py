@@ -56,8 +56,13 @@ def checkpoint_write(args, obs_dim, action_dim):
     if args.env_id in envs.JAX_ENVS:
         env = envs.make_envs(args)[0]
     else:
-        reset = lambda keys: ((), jnp.zeros((args.num_seeds, args.num_envs, obs_dim)))  # noqa: E731
-        env = envs.Env(args.num_seeds, args.num_envs, obs_dim, action_dim, args.action_repeat, 0, reset, None)
+        zeros = jnp.zeros((args.num_seeds, args.num_envs))
+        reset = lambda keys: ((), jnp.zeros((*zeros.shape, obs_dim)))  # noqa: E731
+
+        def step(env_state, action, keys):  # `init` traces a round of acting (its empty first round): shapes only
+            return *reset(keys), zeros, zeros, zeros > 0, zeros > 0, zeros.astype(jnp.int32)
+
+        env = envs.Env(args.num_seeds, args.num_envs, obs_dim, action_dim, args.action_repeat, 0, reset, step)
     keys = jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
     shapes = jax.eval_shape(spowl.make_train(args, env, env).init, keys)
     runner = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)

@@ -398,12 +398,14 @@ def test_update_steps_the_multipliers_and_only_for_safe_planners():
     """Eq. 10 inside `update`: after the policy step, lambda <- clip(lambda + mu Delta, 0, lambda_max) with the Delta
     of that step, and mu <- min(mu (1 + nu), mu_max) (that lambda takes the old mu is pinned by the test above); the
     policy loss carries Psi of the old lambda and mu.  SPOWL does this; the unsafe TD-MPC2 baseline keeps
-    lambda and mu and has no Psi.  (CCE takes SPOWL's path: `update` tells only TD-MPC2 apart.)"""
+    lambda and mu and has no Psi.  (CCE takes SPOWL's path: `update` tells only TD-MPC2 apart.)  With --diagnostics,
+    the gradient norms it logs; without, the same update bit for bit."""
     agent = spowl.init_agent(jax.random.PRNGKey(0), TINY, OBS_DIM, ACTION_DIM)
     agent = agent._replace(model=perturbed_model(TINY), multiplier=jnp.float32(0.5), penalty=jnp.float32(0.2))
     batch = random_batch(jax.random.PRNGKey(1), TINY)
     for planner in ("tdmpc2", "spowl"):
-        new, info = UPDATE(agent, batch, jax.random.PRNGKey(2), dataclasses.replace(TINY, planner=planner))
+        new, info = UPDATE(agent, batch, jax.random.PRNGKey(2), dataclasses.replace(TINY, planner=planner,
+                                                                                     diagnostics=True))
         delta = float(info["delta"])
         assert abs(delta) > 0.05, delta  # the multiplier moves by 0.2 Delta: a dropped or flipped step shows
         if planner == "tdmpc2":
@@ -419,6 +421,10 @@ def test_update_steps_the_multipliers_and_only_for_safe_planners():
         assert float(info["reward_grad_norm"]) > 1e-4 and float(info["delta_grad_norm"]) > 1e-4
         np.testing.assert_allclose(info["psi_grad_norm"], (0.5 + 0.2 * delta) * info["delta_grad_norm"], rtol=1e-3)
     assert float(info["psi_grad_norm"]) > 0  # and zero without Psi, under TD-MPC2 (checked first)
+    plain, plain_info = UPDATE(agent, batch, jax.random.PRNGKey(2), TINY)
+    assert set(info) - set(plain_info) == {"reward_grad_norm", "psi_grad_norm", "delta_grad_norm"}
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(new)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_target_ensembles_move_at_tau_and_the_cost_values_at_cost_tau():
@@ -1390,6 +1396,19 @@ class Exploding(envs.gymnasium.Env):
         if self.explode and self.steps == 2:
             raise ValueError("MuJoCo Warning: Nan, Inf or huge value in QACC")
         return np.zeros(3, np.float32), 0.0, False, False, {}
+
+
+def test_benchmark_runs_at_a_tiny_size_checkpoint_included(capsys, monkeypatch, tmp_path):
+    """benchmark.py's code path as `python benchmark.py` runs it, at a tiny size: the checkpoint write (over its
+    stand-in Safety-Gymnasium env, whose shapes `init` traces a round of acting with), the planning call, the update
+    and the raw env.  The training loop is left out: compiling a run's programs takes about 25 s here, and the driver
+    functions it times are those the run tests play."""
+    monkeypatch.chdir(tmp_path)  # the checkpoint is written in a temporary directory under the working directory
+    args = dataclasses.replace(TINY, env_id="SafetyPointGoal1-v0", num_envs=1, eval_episodes=1, buffer_size=1_000)
+    benchmark.main(args, repeats=1, env_steps=2, loop_steps=0)
+    printed = capsys.readouterr().out
+    for step in ["checkpoint (1,000-transition buffer)", "planning call", "gradient update", "raw vector env alone"]:
+        assert step in printed, printed
 
 
 def test_a_worker_that_raises_is_named_and_the_others_are_stopped():
