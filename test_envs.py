@@ -96,8 +96,7 @@ def test_every_package_the_code_imports_is_installed():
 def test_every_fix_applies_to_the_installed_release():
     """Each of sg_fixes' edits finds its 1.0.0 line exactly once, and the fixed modules are the ones loaded."""
     for module, edits in sg_fixes.FIXES.items():
-        loaded = sys.modules[module] if module in sys.modules else importlib.import_module(module)
-        source = open(loaded.__file__, encoding="utf-8").read()
+        source = open(importlib.import_module(module).__file__, encoding="utf-8").read()
         fixed = sg_fixes.fix(module, source)
         assert source.count("\n") == fixed.count("\n")  # one line for one line: tracebacks stay right
         for old, new in edits:
@@ -118,8 +117,10 @@ def test_fix_refuses_an_unknown_text_and_install_is_idempotent():
     assert sys.meta_path == before
 
 
-def run_python(code):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+def run_python(code, **environ):
+    """`code` in a fresh interpreter, with `environ` added to the environment."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **environ})
 
 
 def test_refuses_another_safety_gymnasium_version_in_one_line():
@@ -150,7 +151,7 @@ def test_fixes_change_nothing_on_disk_and_import_without_warnings():
 def test_a_video_frame_draws_the_markers():
     """Rendering as `--capture-video` does (EGL), on mujoco >= 3.2 (fix 6): after a step with a cost, the scene holds
     Safety-Gymnasium's markers, and a frame is drawn."""
-    result = subprocess.run([sys.executable, "-c", """
+    result = run_python("""
 import numpy as np
 import envs
 env = envs.make_env("SafetyPointGoal1-v0", 5, 0, render=True)
@@ -164,6 +165,6 @@ geoms = scene.ngeom
 env.unwrapped.task.render_conf.lidar_markers, env.unwrapped.cost = False, {}
 env.render()
 print(frame.shape, int(frame.std() > 10), geoms - scene.ngeom)
-"""], capture_output=True, text=True, timeout=120, env={**os.environ, "MUJOCO_GL": "egl"})
+""", MUJOCO_GL="egl")
     # a dot per bin of the 3 lidars (goal, hazards, vases; 16 bins each), and the cost sphere
     assert result.stdout.split("\n")[0] == f"(256, 256, 3) 1 {3 * 16 + 1}", result.stderr

@@ -1519,8 +1519,9 @@ def test_rounds_side_by_side_in_turn_split_anywhere_and_as_one_program_give_the_
     updates and an episode reset: the driver's actor and learner side by side on two threads; the same rounds in
     turn; side by side again but stopped and continued at other global steps, as rows, evaluations and checkpoints
     stop the driver (so their intervals leave training unchanged).  `train.run`, the whole run as one XLA program
-    (PureJaxRL-style), gives the rounds in turn up to float32 rounding.  Adam's step count shows each learning step's updates made exactly once, the last round's by
-    the final settle.  Side by side, the actor plays the random phase without waiting for a busy learner."""
+    (PureJaxRL-style), gives the rounds in turn up to float32 rounding.  Adam's step count shows each learning step's
+    updates made exactly once, the last round's by the final settle.  Side by side, the actor plays the random phase
+    without waiting for a busy learner."""
     # 440 raw steps = 221 vector steps of 2 envs: the envs truncate at agent step 200 and the next step only resets
     # them (0 raw steps).  Rounds of 16 vector steps, the last one gated off at the end.
     end, sync_every = 440, 16
