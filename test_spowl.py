@@ -1596,7 +1596,7 @@ def test_rounds_side_by_side_in_turn_split_anywhere_and_as_one_program_give_the_
 # episodes per seed.  The defaults are tuned for 5M-step runs; four documented changes make values, and so safety,
 # learnable in this one:
 #   - a fixed multiplier lambda = 0.25 (mu tiny, no growth): the authors' schedule (lambda 1e-6, mu 5e-9) barely
-#     moves in a few thousand updates (README: differences from the paper);
+#     moves in a few thousand updates (docs/differences.md);
 #   - cost discount 0.975, the reward discount: with 0.997 (a ~330-step horizon) the cost value is still far from
 #     its fixed point, so Delta, and with it the safety gradient, stays tiny;
 #   - learning rate 1e-3 and target rate tau 0.05 (defaults 3e-4, 0.01): with the defaults the Q targets are still
