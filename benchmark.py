@@ -247,7 +247,7 @@ def main(args: spowl.Args, repeats: int = 20, env_steps: int = 600, loop_steps: 
     `loop_steps` vector steps the training loop (0 skips any of them); `checkpoint` times a checkpoint write.
     `trace_dir` keeps profiler traces of more planning calls and updates, after the timed ones, and of two rounds of
     the loop, after its timed steps, and prints what the device did in them (`device_activity`)."""
-    args = driver.resolve_act(args)
+    args = spowl.check(args)
     driver.check_args(args)
     if args.env_id in envs.JAX_ENVS:
         module = envs.JAX_ENVS[args.env_id]

@@ -25,6 +25,7 @@ import uuid
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
+from typing import Annotated, Union
 from zlib import error as zlib_error
 
 import jax
@@ -35,10 +36,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import buffer as replay
 import envs
-from planner import act, uses_cost
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The config: checks, --act, --resume and the run directory
+# The config: presets, checks, --resume and the run directory
 
 RESUMABLE_FLAGS = {"total_timesteps", "resume", "log_dir", "progress_bar", "track", "max_env_workers"}  # may differ
 
@@ -48,45 +48,12 @@ def flag(name):
 
 
 def check_args(args):
-    """Raises ValueError naming the offending flag.  Runs before any env starts or anything compiles."""
-    positive = ["total_timesteps", "num_seeds", "num_envs", "log_every", "eval_every", "eval_episodes",
-                "checkpoint_every", "sync_every", "action_repeat", "buffer_size", "utd_ratio", "batch_size",
-                "latent_dim", "mlp_dim", "enc_dim", "num_enc_layers", "simnorm_dim", "num_q", "num_cost_heads",
-                "num_bins", "horizon", "iterations", "num_samples", "num_pi_trajs", "num_elites", "q_subsample",
-                "cost_subsample", "ci_resamples", "lr", "enc_lr_scale", "grad_clip_norm", "policy_adam_eps",
-                "temperature", "min_std", "penalty_init", "penalty_max", "lagrange_max"]
-    for name in positive:
+    """The run's settings (spowl.check checks the algorithm's): raises ValueError naming the offending flag.  Runs
+    before any env starts or anything compiles."""
+    for name in ["total_timesteps", "num_seeds", "log_every", "eval_every", "eval_episodes", "checkpoint_every",
+                 "sync_every"]:
         if not getattr(args, name) > 0:
             raise ValueError(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    # Optional flags (None: unset) are checked only when set.
-    for name in ["learning_starts", "lagrange_init", "penalty_growth", "entropy_coef", "cost_limit", "cost_imb_weight",
-                 "consistency_coef", "reward_coef", "value_coef", "cost_coef", "cost_value_coef", "multiplier_lr",
-                 "episode_cost_limit"]:
-        if getattr(args, name) is not None and not getattr(args, name) >= 0:
-            raise ValueError(f"{flag(name)} must not be negative, got {getattr(args, name)}")
-    for name in ["gamma", "cost_gamma", "rho", "tau", "cost_tau", "scale_tau"]:  # discounts and rates
-        if getattr(args, name) is not None and not 0 < getattr(args, name) <= 1:
-            raise ValueError(f"{flag(name)} must be in (0, 1], got {getattr(args, name)}")
-    for name in ["dropout", "cost_dropout"]:  # probabilities
-        if not 0 <= getattr(args, name) < 1:
-            raise ValueError(f"{flag(name)} must be in [0, 1), got {getattr(args, name)}")
-    for small, large in [("num_elites", "num_samples"), ("q_subsample", "num_q"), ("cost_subsample", "num_cost_heads"),
-                         ("min_std", "max_std"), ("log_std_min", "log_std_max"), ("vmin", "vmax")]:
-        if getattr(args, small) > getattr(args, large):
-            raise ValueError(f"{flag(small)} ({getattr(args, small)}) must not exceed {flag(large)} "
-                             f"({getattr(args, large)})")
-    if (args.num_envs * args.utd_ratio) % 1:
-        raise ValueError(f"--num-envs x --utd-ratio ({args.num_envs} x {args.utd_ratio}) must be a whole number of "
-                         "updates per vector step")
-    if args.ci_thresholds and args.switch_rule == "mean":
-        raise ValueError("--ci-thresholds takes d_R, d_c from the policy action's bootstrap interval, which "
-                         "--switch-rule mean does not compute; use it with --switch-rule ci")
-    if args.num_pi_trajs >= args.num_samples:
-        raise ValueError(f"--num-pi-trajs ({args.num_pi_trajs}) must be below --num-samples ({args.num_samples})")
-    if args.latent_dim % args.simnorm_dim:
-        raise ValueError(f"--latent-dim ({args.latent_dim}) must be a multiple of --simnorm-dim ({args.simnorm_dim})")
-    if args.buffer_size // args.num_envs <= args.horizon + 1:
-        raise ValueError(f"--buffer-size ({args.buffer_size}) must hold more than horizon+1 steps per env")
     if args.env_id in envs.JAX_ENVS:
         if args.capture_video:
             raise ValueError(f"--capture-video needs a Safety-Gymnasium task, not --env-id {args.env_id}")
@@ -110,20 +77,12 @@ def check_args(args):
             raise ValueError("--track needs Weights & Biases: pip install \"wandb>=0.19.10\"") from None
 
 
-def resolve_act(args):
-    """--act left out: the switch (Alg. 2), or plan only under an elite rule without costs, so that `--planner
-    tdmpc2` alone is the unsafe TD-MPC2 baseline of Sec. 5.4 (a switch would still consult the cost values)."""
-    if args.act is not None:
-        return args
-    return dataclasses.replace(args, act="switch" if uses_cost(args) else "plan")
-
-
-def prepare_run(args, cli_flags):
-    """Resolve --act, --resume and --log-dir into (args, resuming?).  Never touches an existing run.
-
-    The resolved --act is what config.json stores, so a resumed run acts as it did."""
+def prepare_run(args, cli_flags, check):
+    """Check the config with `check` (the algorithm's, which also resolves --act) and `check_args`, and resolve
+    --resume and --log-dir: (args, resuming?).  Never touches an existing run.  config.json stores the resolved
+    config, so a resumed run acts as it did."""
     if args.resume is None:
-        args = resolve_act(args)
+        args = check(args)
         check_args(args)
         log_dir = args.log_dir or f"runs/{args.env_id}__{args.seed}__{int(time.time())}"
         if os.path.exists(log_dir):
@@ -143,7 +102,7 @@ def prepare_run(args, cli_flags):
         if getattr(args, name) != getattr(saved, name):
             raise ValueError(f"{flag(name)} differs from the saved config of {args.resume}; leave it out to resume")
     overrides = {name: getattr(args, name) for name in cli_flags & (RESUMABLE_FLAGS - {"resume", "log_dir"})}
-    args = dataclasses.replace(saved, resume=args.resume, log_dir=args.resume, **overrides)
+    args = check(dataclasses.replace(saved, resume=args.resume, log_dir=args.resume, **overrides))
     check_args(args)
     checkpoint_counters(args.resume)  # readable, and in this code's format
     return args, True
@@ -185,7 +144,7 @@ def record_provenance(run_dir):
 # The checkpoint: `format_version`, `counters` (JSON: the event counters and the checkpoint's global_step) and each of
 # the runner's arrays under its pytree path (".agent.model.encoder..."), so that a runner with new state no longer
 # fits an older checkpoint and --resume names what differs.  The version changes only with this layout.
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4
 
 
 def arrays_by_path(tree):
@@ -194,7 +153,7 @@ def arrays_by_path(tree):
 
 def save_checkpoint(run_dir, runner, counters):
     """Everything to continue the run -- parameters, optimiser and Lagrangian state, replay buffer, env state, the
-    pending round, PRNG keys and counters -- as one `checkpoint.npz`.  It is written to `checkpoint.npz.tmp`, flushed
+    last rollout, PRNG keys and counters -- as one `checkpoint.npz`.  It is written to `checkpoint.npz.tmp`, flushed
     to disk and renamed, so a kill or a failed write at any moment leaves the previous checkpoint whole; a failed
     write removes the temporary file and raises OSError."""
     path = os.path.join(run_dir, "checkpoint.npz")
@@ -389,10 +348,10 @@ class Tracker:
                     self.sums[key] = self.sums.get(key, 0.0) + float(metrics[name][counted].sum())
                     self.counts[key] = self.counts.get(key, 0) + int(counted.sum())
         if "act" in rounds:
-            acted = rounds["act"]
-            ended = acted["ended"] & acted["active"][:, None]
-            self.returns += acted["episode_return"][ended].tolist()
-            self.costs += acted["episode_cost"][ended].tolist()
+            collected = rounds["act"]
+            ended = collected["ended"] & collected["active"][:, None]
+            self.returns += collected["episode_return"][ended].tolist()
+            self.costs += collected["episode_cost"][ended].tolist()
 
     def row(self):
         row = {**self.last, **{key: total / self.counts[key] for key, total in self.sums.items()}}
@@ -527,11 +486,11 @@ def jit_over_seeds(fns, mesh, keys):
                                              NamedSharding(mesh, PartitionSpec(None, "seed")),
                                              NamedSharding(mesh, PartitionSpec()))
     shapes = jax.eval_shape(fns.init, keys)
-    by_round = shapes.pending._replace(transitions=by_step_and_seed, active=replicated, learning=replicated,
+    by_round = shapes.last_rollout._replace(transitions=by_step_and_seed, active=replicated, learning=replicated,
                                        global_step=replicated)
-    by_runner = shapes._replace(agent=by_seed, buffer=by_seed, actor=by_seed, key=by_seed, pending=by_round)
+    by_runner = shapes._replace(agent=by_seed, buffer=by_seed, actor=by_seed, key=by_seed, last_rollout=by_round)
     return fns._replace(init=jax.jit(fns.init, out_shardings=by_runner),
-                        act=jax.jit(fns.act, donate_argnums=0, in_shardings=(by_seed, by_seed, replicated),
+                        collect=jax.jit(fns.collect, donate_argnums=0, in_shardings=(by_seed, by_seed, replicated),
                                     out_shardings=(by_seed, by_round, by_step_and_seed)),
                         learn=jax.jit(fns.learn, donate_argnums=1, in_shardings=(by_seed, by_seed, by_seed, by_round),
                                       out_shardings=(by_seed, by_seed, by_seed, by_step_and_seed)),
@@ -551,12 +510,12 @@ def compile_train(train, keys):
     runner = jax.eval_shape(train.init, keys)
     pool = ThreadPoolExecutor(4)
     compile_ = lambda lowered, options: pool.submit(lowered.compile, compiler_options=options)  # noqa: E731
-    learn = compile_(train.learn.lower(runner.agent, runner.buffer, runner.key, runner.pending), None)
-    act_ = compile_(train.act.lower(runner.actor, runner.agent, 0), quick)
+    learn = compile_(train.learn.lower(runner.agent, runner.buffer, runner.key, runner.last_rollout), None)
+    collect = compile_(train.collect.lower(runner.actor, runner.agent, 0), quick)
     init = compile_(train.init.lower(keys), quick)
     evaluate = compile_(train.evaluate.lower(runner.agent, keys), quick)
     pool.shutdown(wait=False)  # the compiles go on
-    return {"init": init, "act": act_, "learn": learn, "evaluate": evaluate}
+    return {"init": init, "collect": collect, "learn": learn, "evaluate": evaluate}
 
 
 def when_compiled(train, compiling):
@@ -573,16 +532,16 @@ def done_now(fn):
     return future
 
 
-def learn_after(train, previous, acted):
-    """The learner's part of a round: store `acted` and make its updates, on the learner's state after the rounds
+def learn_after(train, previous, rollout):
+    """The learner's part of a round: store `rollout` and make its updates, on the learner's state after the rounds
     before it (`previous`, a future).  Returns the agent, buffer, next key and per-step metrics."""
     agent, buffer, key, _ = previous.result()
-    return jax.block_until_ready(train.learn(agent, buffer, key, acted))
+    return jax.block_until_ready(train.learn(agent, buffer, key, rollout))
 
 
-def owes_updates(acted):
-    """Whether learning from round `acted` changes the agent (it has learning steps)."""
-    return bool(np.any(np.asarray(acted.active) & np.asarray(acted.learning)))
+def needs_update(rollout):
+    """Whether learning from `rollout` changes the agent (it has learning steps)."""
+    return bool(np.any(np.asarray(rollout.active) & np.asarray(rollout.learning)))
 
 
 def play(train, runner, until, stop_at, learner=None, on_round=lambda rounds: None, interrupted=lambda: False):
@@ -591,13 +550,13 @@ def play(train, runner, until, stop_at, learner=None, on_round=lambda rounds: No
     round, "update": the learner's of the round before}, numpy-ready (steps, seeds, ...), in order.
 
     In each round the learner -- on the `learner` thread pool, or before the actor without one: the same result --
-    stores the pending round and makes its updates, while the actor plays the next round with the agent as it is at
-    the round's start: the one that has learned from the rounds up to the one before the pending round.  A round
-    without learning steps (the random phase) leaves the agent as it was, so until a round owes updates the actor
+    stores the last rollout and makes its updates, while the actor plays the next round with the agent as it is at
+    the round's start: the one that has learned from the rounds up to the one before the last rollout.  A round
+    without learning steps (the random phase) leaves the agent as it was, so until a round needs updates the actor
     plays on without waiting for the learner: at a run's start the random phase plays while the learner's program
     still compiles."""
     submit = learner.submit if learner is not None else done_now
-    agent, actor, pending = runner.agent, runner.actor, runner.pending
+    agent, actor, last_rollout = runner.agent, runner.actor, runner.last_rollout
     state = done_now(lambda: (runner.agent, runner.buffer, runner.key, None))  # the learner's, after the rounds given
     changes_agent = False  # whether the learner's round now running changes the agent
     unseen = collections.deque()  # rounds `on_round` has not seen yet: (the learner's future, the actor's metrics)
@@ -608,24 +567,25 @@ def play(train, runner, until, stop_at, learner=None, on_round=lambda rounds: No
     while int(np.asarray(actor.global_step)[0]) < until and not interrupted():  # numpy: no program to compile
         if changes_agent:
             agent = state.result()[0]
-        state, changes_agent = submit(functools.partial(learn_after, train, state, pending)), owes_updates(pending)
-        actor, pending, metrics = jax.block_until_ready(train.act(actor, agent, stop_at))
+        state = submit(functools.partial(learn_after, train, state, last_rollout))
+        changes_agent = needs_update(last_rollout)
+        actor, last_rollout, metrics = jax.block_until_ready(train.collect(actor, agent, stop_at))
         unseen.append((state, metrics))
         while unseen and unseen[0][0].done():
             show(*unseen.popleft())
     while unseen:
         show(*unseen.popleft())
     agent, buffer, key, _ = state.result()
-    return runner._replace(agent=agent, buffer=buffer, actor=actor, key=key, pending=pending)
+    return runner._replace(agent=agent, buffer=buffer, actor=actor, key=key, last_rollout=last_rollout)
 
 
 def settle(train, runner):
-    """One more round in which the actor has no step left to play, so that nothing is pending: the learner stores the
-    last round and makes its updates (a run's end, and a resume in fresh host envs; as `train.run` ends).  Returns the
-    runner and the learner's metrics."""
-    agent, buffer, key, metrics = train.learn(runner.agent, runner.buffer, runner.key, runner.pending)
-    actor, nothing, _ = train.act(runner.actor, runner.agent, 0)
-    return runner._replace(agent=agent, buffer=buffer, actor=actor, key=key, pending=nothing), metrics
+    """One more round in which the actor has no step left to play, so that the last rollout is empty: the learner
+    stores the last round and makes its updates (a run's end, and a resume in fresh host envs; as `train.run` ends).
+    Returns the runner and the learner's metrics."""
+    agent, buffer, key, metrics = train.learn(runner.agent, runner.buffer, runner.key, runner.last_rollout)
+    actor, empty, _ = train.collect(runner.actor, runner.agent, 0)
+    return runner._replace(agent=agent, buffer=buffer, actor=actor, key=key, last_rollout=empty), metrics
 
 
 def train_loop(args, resuming, mesh, fns, signals):
@@ -633,7 +593,7 @@ def train_loop(args, resuming, mesh, fns, signals):
     evaluate, checkpoint, stop."""
     first_keys = [jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)]
     train, by_runner = jit_over_seeds(fns, mesh, jnp.stack(first_keys))
-    video_act = jax.jit(functools.partial(act, cfg=args, eval_mode=True)) if args.capture_video else None
+    video_act = jax.jit(fns.eval_act) if args.capture_video else None
     seed_keys = lambda key: jax.device_put(jnp.stack(key), by_runner.key)  # noqa: E731
     keys = seed_keys(first_keys)
     train = when_compiled(train, compile_train(train, keys))
@@ -647,7 +607,7 @@ def train_loop(args, resuming, mesh, fns, signals):
         except ValueError as error:
             raise RunStopped(f"error: {error}") from None
         fresh, runner = runner, jax.device_put(restored, by_runner)
-        if signals.workers:  # fresh host envs: the pending round is learned from before the gap
+        if signals.workers:  # fresh host envs: the last rollout is learned from before the gap
             runner = jax.device_put(continue_episodes(settle(train, runner)[0], fresh), by_runner)
         saved_step = step()
 
@@ -765,19 +725,24 @@ def train_loop(args, resuming, mesh, fns, signals):
     return runner
 
 
-def configure(Args, argv):
-    """The run's config from command-line flags: (args, resuming?).  Raises ValueError naming the offending flag."""
-    args = tyro.cli(Args, args=argv)
+def configure(presets, check, argv):
+    """The run's config from command-line flags: (args, resuming?).  `presets` maps names to (description, config);
+    an optional first word chooses one, the first by default.  Raises ValueError naming the offending flag."""
+    choices = [Annotated[type(config), tyro.conf.subcommand(name, default=config, description=description)]
+               for name, (description, config) in presets.items()]
+    default = next(iter(presets.values()))[1]
+    args = tyro.cli(Union[tuple(choices)], default=default, args=argv, config=(tyro.conf.CascadeSubcommandArgs,))
     if args.capture_video:  # must precede the first import of mujoco (checking --env-id imports it)
         os.environ.setdefault("MUJOCO_GL", "egl")
     cli_flags = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-    return prepare_run(args, cli_flags & {f.name for f in dataclasses.fields(Args)})
+    return prepare_run(args, cli_flags & {f.name for f in dataclasses.fields(args)}, check)
 
 
-def main(Args, make_train):
-    """A run from the command line: `Args` the config's dataclass, `make_train` its pure functions (spowl.py)."""
+def main(presets, check, make_train):
+    """A run from the command line: `presets` the named configs, `check` the algorithm's check of a config and
+    `make_train` its pure functions (spowl.py)."""
     try:
-        args, resuming = configure(Args, sys.argv[1:])
+        args, resuming = configure(presets, check, sys.argv[1:])
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     try:

@@ -244,6 +244,39 @@ class Env(NamedTuple):
     step: callable
 
 
+def run_episodes(env, act, agent, keys, num_episodes, horizon):
+    """`num_episodes` full episodes per seed, `env.num_envs` at a time from fresh resets, each action from `act(agent,
+    obs, plan_mean, key) -> (action, plan_mean, info)` over the seeds: their returns and costs, each (N, num_episodes),
+    summed over whole episodes (Table 1's measure)."""
+
+    def episode_batch(keys):
+        key_reset, key = _split(keys, 2)
+        env_state, obs = env.reset(key_reset)
+        plan_mean = jnp.zeros((*obs.shape[:2], horizon, env.action_dim))
+
+        def step(carry, keys):
+            env_state, obs, plan_mean, done, total_return, total_cost = carry
+            key_act, key_env = _split(keys, 2)
+            action, plan_mean, _ = act(agent, obs, plan_mean, key_act)
+            env_state, obs, reward, cost, terminated, truncated, _ = env.step(env_state, action, key_env)
+            total_return, total_cost = total_return + (~done) * reward, total_cost + (~done) * cost
+            return (env_state, obs, plan_mean, done | terminated | truncated, total_return, total_cost), None
+
+        zeros = jnp.zeros(obs.shape[:2])
+        carry = (env_state, obs, plan_mean, zeros > 0, zeros, zeros)
+        carry, _ = jax.lax.scan(step, carry, _split(key, env.episode_steps))
+        return carry[-2], carry[-1]  # (N, E)
+
+    batches = -(-num_episodes // env.num_envs)
+    returns, costs = jax.lax.map(episode_batch, _split(keys, batches))  # (batches, N, E)
+    per_seed = lambda x: jnp.swapaxes(x, 0, 1).reshape(x.shape[1], -1)[:, :num_episodes]  # noqa: E731
+    return per_seed(returns), per_seed(costs)
+
+
+def _split(keys, num):  # each seed's key (N, 2) split as jax.random.split splits one
+    return jnp.swapaxes(jax.vmap(lambda key: jax.random.split(key, num))(keys), 0, 1)
+
+
 def pure_env(module, num_seeds, num_envs):
     """A pure-JAX env module (reset, step) batched over seeds and envs, stepped inside the scan itself."""
 

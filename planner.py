@@ -5,10 +5,13 @@ each by its value J and cost value J_c (Eq. 11), keep the elites that beat the p
 adaptive thresholds of Eq. 12), refit the sampling distribution to them (MPPI), and finally execute the plan's first
 action only if its Q is not lower and its cost-Q not higher than the policy action's (Alg. 2, the switch).
 
-The comparison planners are other selection rules of the same planner (`cfg.planner`): `tdmpc2` (top-k by J, no
-cost) and `cce` (a fixed threshold on J_c, Sec. 5.1).  Acting modes (`cfg.act`): `switch` (SPOWL), `plan`, `policy`.
+The comparison planners are other elite rules of the same planner (`args.planner`, `ELITE_RULES`): `tdmpc2` (top-k
+by J, no cost) and `cce` (a fixed threshold on J_c, Sec. 5.1).  Acting modes (`args.act`): `switch` (SPOWL), `plan`,
+`policy`.
 Everything is fixed-shape, so `act` is one jittable function batched over envs; horizon and iterations are scans.
 """
+
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +19,7 @@ import jax.numpy as jnp
 from policy import deterministic_action, sample_action
 from world_model import aggregate, decode, encode, for_acting, head_values, next_latent
 
-# Whether each elite selection rule (`cfg.planner`) uses costs: if so, the planner scores J_c and the policy trains
-# under the Augmented Lagrangian (spowl.update); if not, neither.  A new rule declares it here.
-USES_COST = {"spowl": True, "tdmpc2": False, "cce": True}
-
-
-def uses_cost(cfg):
-    return USES_COST[cfg.planner]
-
-
-def estimate_value(model, policy, z, actions, key, cfg):
+def estimate_value(model, policy, z, actions, key, args):
     """J^M and J_c^M of Eq. 11 for N action sequences (H, N, A) from one latent z (L,): -> (N,), (N,).
 
     J = sum_i gamma^i r_i + gamma^H Q_avg(z_H, pi(z_H)), Q_avg the mean of 2 random heads (authors' choice).
@@ -34,27 +28,27 @@ def estimate_value(model, policy, z, actions, key, cfg):
     undiscounted sum of max-over-ensemble immediate costs with no bootstrap (Sec. 5.1); `tdmpc2` has no J_c.
     """
     horizon = actions.shape[0]
-    with_cost = uses_cost(cfg)
+    with_cost = uses_cost(args)
 
     def step(z, action):
-        reward = decode(model.reward(jnp.concatenate([z, action], -1)), cfg)
-        cost = head_values(model.cost, z, action, cfg) if with_cost else jnp.zeros((1, *reward.shape))
+        reward = decode(model.reward(jnp.concatenate([z, action], -1)), args)
+        cost = head_values(model.cost, z, action, args) if with_cost else jnp.zeros((1, *reward.shape))
         return next_latent(model, z, action), (reward, cost)
 
     # The horizon is short: unrolled, the rollout is H copies of the step, with no loop to run (docs/compiling.md).
     z_last, (rewards, costs) = jax.lax.scan(step, jnp.broadcast_to(z, (actions.shape[1], z.shape[-1])), actions,
                                             unroll=True)
     keys = jax.random.split(key, 3)
-    action_last, _ = sample_action(policy, z_last, keys[0], cfg)
-    q = aggregate(head_values(model.q, z_last, action_last, cfg), keys[1], cfg.q_subsample, "avg")
-    value = cfg.gamma ** jnp.arange(horizon) @ rewards + cfg.gamma**horizon * q
+    action_last, _ = sample_action(policy, z_last, keys[0], args)
+    q = aggregate(head_values(model.q, z_last, action_last, args), keys[1], args.q_subsample, "avg")
+    value = args.gamma ** jnp.arange(horizon) @ rewards + args.gamma**horizon * q
     if not with_cost:
         return value, jnp.zeros_like(value)
-    if cfg.planner == "cce" and cfg.cce_estimate == "local":
+    if args.planner == "cce" and args.cce_estimate == "local":
         return value, costs.max(1).sum(0)
-    immediate = costs.max(1) if cfg.plan_cost_agg == "max" else costs.mean(1)  # (H, N)
-    cost_value = aggregate(head_values(model.cost_value, z_last, action_last, cfg), keys[2], cfg.cost_subsample, "avg")
-    return value, cfg.cost_gamma ** jnp.arange(horizon) @ immediate + cfg.cost_gamma**horizon * cost_value
+    immediate = costs.max(1) if args.plan_cost_agg == "max" else costs.mean(1)  # (H, N)
+    cost_value = aggregate(head_values(model.cost_value, z_last, action_last, args), keys[2], args.cost_subsample, "avg")
+    return value, args.cost_gamma ** jnp.arange(horizon) @ immediate + args.cost_gamma**horizon * cost_value
 
 
 def top_k_mask(scores, k):
@@ -90,33 +84,70 @@ def select_cce(value, cost_value, d_plan, num_elites):
     return elites, jnp.where(enough, value, -cost_value)
 
 
-def refit(actions, score, elites, cfg):
+def spowl_elites(value, cost_value, is_prior, policy_bounds, args):
+    """SPOWL's elite rule: Alg. 1 with the adaptive thresholds of Eq. 12, the prior's mean J and J_c (Fig. 2's caption),
+    or with --ci-thresholds the policy action's bootstrap bounds (the authors' `use_ci_thresholds`)."""
+    num_prior = args.num_pi_trajs
+    d_reward, d_cost = policy_bounds if args.ci_thresholds else (value[:num_prior].mean(), cost_value[:num_prior].mean())
+    elites, score, empty = select_elites(value, cost_value, d_reward, d_cost, is_prior, args.num_elites,
+                                         args.restrict_elites)
+    return elites, score, {"no_improvement": empty, "d_reward": d_reward, "d_cost": d_cost}
+
+
+class EliteRule(NamedTuple):
+    select: Callable  # (value (N,), cost_value (N,), is_prior (N,), policy_bounds, args) -> elites, score, diagnostics
+    uses_cost: bool  # whether the planner scores J_c and the policy trains under the Augmented Lagrangian
+
+
+# The elite rules `--planner` chooses from; a new rule is a function with `select`'s signature, declared here.
+ELITE_RULES = {
+    "spowl": EliteRule(spowl_elites, uses_cost=True),
+    "tdmpc2": EliteRule(lambda value, cost_value, is_prior, bounds, args: (*select_top_k(value, args.num_elites), {}),
+                        uses_cost=False),
+    "cce": EliteRule(lambda value, cost_value, is_prior, bounds, args: (
+        *select_cce(value, cost_value, args.cce_threshold, args.num_elites), {}), uses_cost=True),
+}
+
+
+def elite_rule(args):
+    """The rule --planner names; an unknown name raises ValueError."""
+    if args.planner not in ELITE_RULES:
+        raise ValueError(f"--planner {args.planner}: no such elite rule (planner.ELITE_RULES: {', '.join(ELITE_RULES)})")
+    return ELITE_RULES[args.planner]
+
+
+def uses_cost(args):
+    return elite_rule(args).uses_cost
+
+
+def refit(actions, score, elites, args):
     """MPPI refit of the sampling distribution to the elites: weights w ~ exp(temperature (score - max score)) over
     the elites (zero elsewhere), and their weighted mean and std of the actions (H, N, A), the std clipped to
     [min_std, max_std].  Returns mean (H, A), std (H, A) and the weights (N,)."""
-    weights = jax.nn.softmax(jnp.where(elites, cfg.temperature * score, -jnp.inf))
+    weights = jax.nn.softmax(jnp.where(elites, args.temperature * score, -jnp.inf))
     mean = jnp.einsum("n,hna->ha", weights, actions)
     std = jnp.sqrt(jnp.einsum("n,hna->ha", weights, (actions - mean[:, None]) ** 2))
-    return mean, jnp.clip(std, cfg.min_std, cfg.max_std), weights
+    return mean, jnp.clip(std, args.min_std, args.max_std), weights
 
 
-def plan(model, policy, z, prev_mean, policy_value, policy_cost_value, key, cfg, eval_mode=False):
+def plan(model, policy, z, prev_mean, policy_value, policy_cost_value, key, args, eval_mode=False):
     """Safe improvement planning for one env (Sec. 4.3; the planning loop of Alg. 2).
 
     z (L,): the encoded observation; prev_mean (H, A): last step's plan mean (zeros at an episode start), shifted
     one step as the warm start.  policy_value / policy_cost_value are the switch's bounds for the policy action,
-    used as d_R / d_c only when `cfg.ci_thresholds` is set (the authors' `use_ci_thresholds`, off by default).
+    used as d_R / d_c only when `args.ci_thresholds` is set (the authors' `use_ci_thresholds`, off by default).
     Returns the plan action (A,) -- one elite drawn with its MPPI weight, plus std[0] noise in training -- the
     new plan mean (H, A) and the last iteration's diagnostics: `elites` (their number) and, for SPOWL's rule only,
     `no_improvement` (the improvement set was empty, so the elites are the policy prior) and the thresholds
     `d_reward`, `d_cost`.
     """
-    horizon, num_prior, num_samples = cfg.horizon, cfg.num_pi_trajs, cfg.num_samples
+    horizon, num_prior, num_samples = args.horizon, args.num_pi_trajs, args.num_samples
     action_dim = prev_mean.shape[-1]
     key_prior, key_iterations, key_pick, key_noise = jax.random.split(key, 4)
+    select = elite_rule(args).select
 
     def prior_step(z, key):
-        action, _ = sample_action(policy, z, key, cfg)
+        action, _ = sample_action(policy, z, key, args)
         return next_latent(model, z, action), action
 
     z_prior = jnp.broadcast_to(z, (num_prior, z.shape[-1]))
@@ -128,43 +159,31 @@ def plan(model, policy, z, prev_mean, policy_value, policy_cost_value, key, cfg,
         key_sample, key_value = jax.random.split(key)
         noise = jax.random.normal(key_sample, (horizon, num_samples - num_prior, action_dim))
         actions = jnp.concatenate([prior, jnp.clip(mean[:, None] + std[:, None] * noise, -1, 1)], 1)  # (H, N, A)
-        value, cost_value = map(jnp.nan_to_num, estimate_value(model, policy, z, actions, key_value, cfg))
-        diagnostics = {}
-        if cfg.planner == "spowl":
-            if cfg.ci_thresholds:
-                d_reward, d_cost = policy_value, policy_cost_value
-            else:  # adaptive thresholds of Eq. 12, from the policy prior as in Fig. 2's caption
-                d_reward, d_cost = value[:num_prior].mean(), cost_value[:num_prior].mean()
-            elites, score, empty = select_elites(value, cost_value, d_reward, d_cost, is_prior, cfg.num_elites,
-                                                 cfg.restrict_elites)
-            diagnostics = {"no_improvement": empty, "d_reward": d_reward, "d_cost": d_cost}
-        elif cfg.planner == "tdmpc2":
-            elites, score = select_top_k(value, cfg.num_elites)
-        else:
-            elites, score = select_cce(value, cost_value, cfg.cce_threshold, cfg.num_elites)
-        mean, std, weights = refit(actions, score, elites, cfg)
+        value, cost_value = map(jnp.nan_to_num, estimate_value(model, policy, z, actions, key_value, args))
+        elites, score, diagnostics = select(value, cost_value, is_prior, (policy_value, policy_cost_value), args)
+        mean, std, weights = refit(actions, score, elites, args)
         return (mean, std, actions, weights), {"elites": elites.sum(), **diagnostics}
 
     warm_start = jnp.concatenate([prev_mean[1:], jnp.zeros((1, action_dim))])
-    init = (warm_start, jnp.full((horizon, action_dim), cfg.max_std), jnp.zeros((horizon, num_samples, action_dim)),
+    init = (warm_start, jnp.full((horizon, action_dim), args.max_std), jnp.zeros((horizon, num_samples, action_dim)),
             jnp.zeros(num_samples))
     (mean, std, actions, weights), per_iteration = jax.lax.scan(
-        iteration, init, jax.random.split(key_iterations, cfg.iterations))
+        iteration, init, jax.random.split(key_iterations, args.iterations))
     action = actions[0, jax.random.categorical(key_pick, jnp.log(weights))]
     if not eval_mode:
         action = action + std[0] * jax.random.normal(key_noise, (action_dim,))
     return jnp.clip(action, -1, 1), mean, jax.tree.map(lambda x: x[-1], per_iteration)
 
 
-def bootstrap_interval(values, key, cfg):
+def bootstrap_interval(values, key, args):
     """95 % bootstrap confidence interval of the mean of an ensemble's values (n,): -> (low, high).
 
     As the authors' `get_action_stats` in `spowl/spowl/policies.py`."""
-    resampled = jax.random.choice(key, values, (cfg.ci_resamples, values.shape[0])).mean(-1)
+    resampled = jax.random.choice(key, values, (args.ci_resamples, values.shape[0])).mean(-1)
     return jnp.percentile(resampled, 2.5), jnp.percentile(resampled, 97.5)
 
 
-def act(model, policy, obs, prev_mean, key, cfg, eval_mode=False):
+def act(model, policy, obs, prev_mean, key, args, eval_mode=False):
     """SPOWL model predictive control for a batch of envs (Alg. 2): plan, then switch between plan and policy.
 
     obs (E, O), prev_mean (E, H, A).  The switch (`act='switch'`) executes the plan action iff its Q_avg is at
@@ -178,34 +197,34 @@ def act(model, policy, obs, prev_mean, key, cfg, eval_mode=False):
     `act='switch'`, the bounds it compared against, `q_low` and `qc_high`.  The networks' products run at
     `plan_precision`, and LayerNorm takes its averages as products on a CPU, as reductions elsewhere (`layer_norm`).
     """
-    model, policy = for_acting((model, policy), cfg.plan_precision, jax.default_backend() == "cpu")
+    model, policy = for_acting((model, policy), args.plan_precision, jax.default_backend() == "cpu")
     num_envs = obs.shape[0]
     key_pi, key_bound, key_plan, key_switch = jax.random.split(key, 4)
     z = encode(model, obs)
     if eval_mode:
         policy_action = deterministic_action(policy, z)
     else:
-        policy_action, _ = sample_action(policy, z, key_pi, cfg)
-    if cfg.act == "policy":
+        policy_action, _ = sample_action(policy, z, key_pi, args)
+    if args.act == "policy":
         return policy_action, prev_mean, {"used_plan": jnp.zeros(num_envs, bool)}
 
     def q_avg(action, key):  # (E,) values and cost values of one action per env, averaged as in Eq. 11
         key_q, key_c = jax.random.split(key)
-        return (aggregate(head_values(model.q, z, action, cfg), key_q, cfg.q_subsample, "avg"),
-                aggregate(head_values(model.cost_value, z, action, cfg), key_c, cfg.cost_subsample, "avg"))
+        return (aggregate(head_values(model.q, z, action, args), key_q, args.q_subsample, "avg"),
+                aggregate(head_values(model.cost_value, z, action, args), key_c, args.cost_subsample, "avg"))
 
-    if cfg.switch_rule == "ci":
+    if args.switch_rule == "ci":
         keys = jax.random.split(key_bound, (2, num_envs))
         interval = jax.vmap(bootstrap_interval, in_axes=(1, 0, None))
-        policy_value = interval(head_values(model.q, z, policy_action, cfg), keys[0], cfg)[0]
-        policy_cost_value = interval(head_values(model.cost_value, z, policy_action, cfg), keys[1], cfg)[1]
+        policy_value = interval(head_values(model.q, z, policy_action, args), keys[0], args)[0]
+        policy_cost_value = interval(head_values(model.cost_value, z, policy_action, args), keys[1], args)[1]
     else:
         policy_value, policy_cost_value = q_avg(policy_action, key_bound)
 
-    plan_one = lambda *args: plan(model, policy, *args, cfg, eval_mode)  # noqa: E731
+    plan_one = lambda *inputs: plan(model, policy, *inputs, args, eval_mode)  # noqa: E731
     plan_action, mean, plan_info = jax.vmap(plan_one)(z, prev_mean, policy_value, policy_cost_value,
                                                       jax.random.split(key_plan, num_envs))
-    if cfg.act == "plan":
+    if args.act == "plan":
         return plan_action, mean, {"used_plan": jnp.ones(num_envs, bool), **plan_info}
     plan_value, plan_cost_value = q_avg(plan_action, key_switch)
     use_plan = (plan_value >= policy_value) & (plan_cost_value <= policy_cost_value)

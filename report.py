@@ -129,7 +129,7 @@ def read_run(run_dir):
     with open(os.path.join(run_dir, "config.json")) as f:
         config = {**dataclasses.asdict(spowl.Args()), **json.load(f)}
     # A left-out --act resolves by the planner, as spowl.py resolves it before it writes config.json.
-    config["act"] = driver.resolve_act(spowl.Args(planner=config["planner"], act=config["act"])).act
+    config["act"] = spowl.check(spowl.Args(planner=config["planner"], act=config["act"])).act
     rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     provenance_path = os.path.join(run_dir, "provenance.jsonl")
     provenance = read_jsonl(provenance_path) if os.path.isfile(provenance_path) else []
@@ -440,7 +440,8 @@ def plot_cost_and_multiplier(env_id, groups, labels, out):
 
 
 def uses_cost(config):
-    return planner.USES_COST.get(config["planner"], True)
+    rule = planner.ELITE_RULES.get(config["planner"])
+    return rule is None or rule.uses_cost
 
 
 def figure_name(env_id, kind=None):

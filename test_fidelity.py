@@ -20,7 +20,7 @@ import planner
 import spowl
 from buffer import Batch
 from golden import record_authors as rec
-from policy import deterministic_action, sample_action
+from policy import Lagrangian, deterministic_action, sample_action
 from world_model import (decode, encode, ensemble_apply, head_values, next_latent, td_targets, world_model_loss,
                          WorldModel)
 
@@ -61,8 +61,8 @@ def convert(arrays, prefix, agent):
     target = (mlp_from(arrays, f"{prefix}._target_Qs", agent.target[0]),
               mlp_from(arrays, f"{prefix}._target_Cs", agent.target[1]))
     return agent._replace(model=model, target=target, policy=mlp_from(arrays, f"{prefix}._pi", agent.policy),
-                          multiplier=jnp.asarray(arrays[f"{prefix}.lagrange_multiplier"]),
-                          penalty=jnp.asarray(arrays[f"{prefix}.penalty_multiplier"]))
+                          lagrangian=Lagrangian(jnp.asarray(arrays[f"{prefix}.lagrange_multiplier"]),
+                                                jnp.asarray(arrays[f"{prefix}.penalty_multiplier"])))
 
 
 @functools.cache
@@ -169,8 +169,8 @@ def update_outputs():
         "policy loss": (info["policy_loss"], g("pi_loss")),
         "reward part": (info["reward_loss"], g("pi_loss") - g("psi")),
         "Psi (Eq. 10)": (info["psi"], g("psi")), "Delta": (info["delta"], delta), "S": (after.scale, g("pi_scale")[0]),
-        "lambda after": (after.multiplier, GOLDEN["after/.lagrange_multiplier"]),
-        "mu after": (after.penalty, GOLDEN["after/.penalty_multiplier"])}
+        "lambda after": (after.lagrangian.multiplier, GOLDEN["after/.lagrange_multiplier"]),
+        "mu after": (after.lagrangian.penalty, GOLDEN["after/.penalty_multiplier"])}
 
 
 def parameters(updates):

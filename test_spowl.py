@@ -37,8 +37,9 @@ import envs
 import jax_env
 import report
 import spowl
+import world_model
 from planner import act, bootstrap_interval, estimate_value, plan, refit, select_cce, select_elites
-from policy import augmented_lagrangian, init_policy, policy_loss, update_multipliers
+from policy import Lagrangian, augmented_lagrangian, init_policy, policy_loss, update_lagrangian
 from world_model import (WorldModel, aggregate, decode, encode, ensemble_apply, for_acting, init_world_model,
                          layer_norm, matmul, mish, next_latent, simnorm, symexp, symlog, td_targets, two_hot,
                          targets, world_model_loss)
@@ -357,15 +358,15 @@ def test_bfloat16_planning_rounds_the_planners_products_and_nothing_else():
 def test_augmented_lagrangian_matches_hand_computed_values():
     cfg = dataclasses.replace(TINY, penalty_growth=0.5, lagrange_max=10.0, penalty_max=1.0)
     # Active branch: lambda + mu Delta = 0.5 + 0.2 * 2 = 0.9 > 0 -> lambda Delta + mu/2 Delta^2 = 1 + 0.4.
-    np.testing.assert_allclose(augmented_lagrangian(2.0, 0.5, 0.2), 1.4, rtol=1e-6)
-    multiplier, penalty = update_multipliers(0.5, 0.2, 2.0, cfg)
+    np.testing.assert_allclose(augmented_lagrangian(2.0, Lagrangian(0.5, 0.2)), 1.4, rtol=1e-6)
+    multiplier, penalty = update_lagrangian(Lagrangian(0.5, 0.2), 2.0, cfg)
     np.testing.assert_allclose([multiplier, penalty], [0.9, 0.3], rtol=1e-6)
     # Inactive branch: 0.5 + 0.2 * (-5) = -0.5 <= 0 -> -lambda^2 / (2 mu) = -0.625, and lambda clips to 0.
-    np.testing.assert_allclose(augmented_lagrangian(-5.0, 0.5, 0.2), -0.625, rtol=1e-6)
-    multiplier, penalty = update_multipliers(0.5, 0.2, -5.0, cfg)
+    np.testing.assert_allclose(augmented_lagrangian(-5.0, Lagrangian(0.5, 0.2)), -0.625, rtol=1e-6)
+    multiplier, penalty = update_lagrangian(Lagrangian(0.5, 0.2), -5.0, cfg)
     np.testing.assert_allclose([multiplier, penalty], [0.0, 0.3], rtol=1e-6)
     # Bounds: lambda <= lagrange_max, mu <= penalty_max.
-    multiplier, penalty = update_multipliers(9.0, 0.9, 100.0, cfg)
+    multiplier, penalty = update_lagrangian(Lagrangian(9.0, 0.9), 100.0, cfg)
     np.testing.assert_allclose([multiplier, penalty], [10.0, 1.0], rtol=1e-6)
 
 
@@ -377,10 +378,11 @@ def test_policy_loss_adds_psi_whose_gradient_reaches_the_policy_through_its_acti
     latents = jax.random.uniform(jax.random.PRNGKey(2), (TINY.horizon + 1, TINY.batch_size, TINY.latent_dim))
 
     def loss(policy, multiplier, safe=True):
-        return policy_loss(policy, model, latents, multiplier, 1e-8, 1.0, jax.random.PRNGKey(3), TINY, safe)
+        lagrangian = Lagrangian(multiplier, 1e-8)
+        return policy_loss(policy, model, latents, lagrangian, 1.0, jax.random.PRNGKey(3), TINY, safe)
 
     (total, info), with_psi = jax.value_and_grad(loss, has_aux=True)(policy, 1.0)
-    np.testing.assert_allclose(info["psi"], augmented_lagrangian(info["delta"], 1.0, 1e-8), rtol=1e-6)
+    np.testing.assert_allclose(info["psi"], augmented_lagrangian(info["delta"], Lagrangian(1.0, 1e-8)), rtol=1e-6)
     np.testing.assert_allclose(total, info["reward_loss"] + info["psi"], rtol=1e-6)
     assert abs(float(info["psi"])) > 1e-3
     (unsafe_total, _), without = jax.value_and_grad(loss, has_aux=True)(policy, 1.0, False)
@@ -401,7 +403,7 @@ def test_update_steps_the_multipliers_and_only_for_safe_planners():
     lambda and mu and has no Psi.  (CCE takes SPOWL's path: `update` tells only TD-MPC2 apart.)  With --diagnostics,
     the gradient norms it logs; without, the same update bit for bit."""
     agent = spowl.init_agent(jax.random.PRNGKey(0), TINY, OBS_DIM, ACTION_DIM)
-    agent = agent._replace(model=perturbed_model(TINY), multiplier=jnp.float32(0.5), penalty=jnp.float32(0.2))
+    agent = agent._replace(model=perturbed_model(TINY), lagrangian=Lagrangian(jnp.float32(0.5), jnp.float32(0.2)))
     batch = random_batch(jax.random.PRNGKey(1), TINY)
     for planner in ("tdmpc2", "spowl"):
         new, info = UPDATE(agent, batch, jax.random.PRNGKey(2), dataclasses.replace(TINY, planner=planner,
@@ -409,13 +411,14 @@ def test_update_steps_the_multipliers_and_only_for_safe_planners():
         delta = float(info["delta"])
         assert abs(delta) > 0.05, delta  # the multiplier moves by 0.2 Delta: a dropped or flipped step shows
         if planner == "tdmpc2":
-            assert float(new.multiplier) == 0.5 and float(new.penalty) == np.float32(0.2) and info["psi"] == 0
+            assert tuple(map(float, new.lagrangian)) == (0.5, np.float32(0.2)) and info["psi"] == 0
             assert float(info["psi_grad_norm"]) == 0 and float(info["delta_grad_norm"]) > 0
             np.testing.assert_allclose(info["policy_loss"], info["reward_loss"], rtol=1e-6)
             continue
-        np.testing.assert_allclose(new.multiplier, np.clip(0.5 + 0.2 * delta, 0, TINY.lagrange_max), rtol=1e-6)
-        assert float(new.penalty) == np.float32(np.float32(0.2) * np.float32(1 + TINY.penalty_growth)) != 0.2
-        np.testing.assert_allclose(info["psi"], augmented_lagrangian(delta, 0.5, 0.2), rtol=1e-5)
+        multiplier = np.clip(0.5 + 0.2 * delta, 0, TINY.lagrange_max)
+        np.testing.assert_allclose(new.lagrangian.multiplier, multiplier, rtol=1e-6)
+        assert float(new.lagrangian.penalty) == np.float32(np.float32(0.2) * np.float32(1 + TINY.penalty_growth)) != 0.2
+        np.testing.assert_allclose(info["psi"], augmented_lagrangian(delta, Lagrangian(0.5, 0.2)), rtol=1e-5)
         np.testing.assert_allclose(info["policy_loss"], info["reward_loss"] + info["psi"], rtol=1e-5)
         # The logged gradient norms: Psi's gradient is (lambda + mu Delta) times Delta's (active Psi, chain rule).
         assert float(info["reward_grad_norm"]) > 1e-4 and float(info["delta_grad_norm"]) > 1e-4
@@ -432,7 +435,7 @@ def test_target_ensembles_move_at_tau_and_the_cost_values_at_cost_tau():
     paper's), else at tau."""
     old, new = targets(perturbed_model(TINY)), init_world_model(jax.random.PRNGKey(9), TINY, OBS_DIM, ACTION_DIM)
     for cost_tau, expected in [(None, TINY.tau), (0.5, 0.5)]:
-        q, cost_value = spowl.update_targets(old, new, dataclasses.replace(TINY, cost_tau=cost_tau))
+        q, cost_value = world_model.update_targets(old, new, dataclasses.replace(TINY, cost_tau=cost_tau))
         for rate, moved, before, after in [(TINY.tau, q, old[0], new.q), (expected, cost_value, old[1], new.cost_value)]:
             for m, b, a in zip(*(jax.tree.leaves(eqx.filter(t, eqx.is_array)) for t in (moved, before, after))):
                 np.testing.assert_allclose(m, b + rate * (a - b), rtol=1e-5, atol=1e-6)
@@ -445,13 +448,13 @@ def test_measured_cost_multiplier_steps_lambda_by_the_episode_cost_over_the_limi
     steps, over the steps the actor made."""
     cfg = dataclasses.replace(TINY, episode_cost_limit=25.0, multiplier_lr=0.01, penalty_growth=0.5)
     for cost, expected in [(40.0, 0.65), (0.0, 0.25), (-1000.0, 0.0), (2000.0, TINY.lagrange_max)]:
-        multiplier, penalty = update_multipliers(0.5, 0.2, 123.0, cfg, cost)
+        multiplier, penalty = update_lagrangian(Lagrangian(0.5, 0.2), 123.0, cfg, cost)
         np.testing.assert_allclose([multiplier, penalty], [expected, 0.3], rtol=1e-6)
     k, n, e = 4, 2, 3
     cost = jnp.arange(k * n * e, dtype=jnp.float32).reshape(k, n, e)
-    acted = spowl.Round((None, None, None, cost, None, None), jnp.array([True, True, True, False]), None, None)
+    acted = spowl.Rollout((None, None, None, cost, None, None), jnp.array([True, True, True, False]), None, None)
     expected = cost[:3].mean((0, 2)) * 200  # the inactive last step left out
-    np.testing.assert_allclose(spowl.cost_per_episode(acted, 200), expected, rtol=1e-6)
+    np.testing.assert_allclose(spowl.cost_per_episode(acted.transitions[3], acted.active, 200), expected, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1016,8 +1019,8 @@ def test_safety_gymnasium_two_seeds_plan_update_shard_checkpoint_and_resume(tmp_
     assert driver.checkpoint_counters(run)["next_checkpoint"] == 4000
     arrays = checkpoint_arrays(run)
     for name, x in arrays.items():  # every piece of state has its seed axis (a round's: the second)
-        if not name.startswith((".pending.active", ".pending.learning", ".pending.global_step")):
-            assert x.shape[1 if name.startswith(".pending") else 0] == 2, name
+        if not name.startswith((".last_rollout.active", ".last_rollout.learning", ".last_rollout.global_step")):
+            assert x.shape[1 if name.startswith(".last_rollout") else 0] == 2, name
     # Each seed's replay buffer kept the first run's data: 1 + 200 + 100 + 1 entries per env (resets included).
     assert arrays[".buffer.size"].tolist() == [1 + 3000 // 10 + 1] * 2
 
@@ -1463,7 +1466,7 @@ def test_bad_input_is_refused_before_anything_starts(tmp_path):
         if "--log-dir" not in flags and "--resume" not in flags:
             flags = [*flags, "--log-dir", str(tmp_path / "new")]
         with pytest.raises(ValueError, match=re.escape(name)):
-            driver.configure(spowl.Args, flags)
+            driver.configure(spowl.PRESETS, spowl.check, flags)
     assert sorted(os.listdir(tmp_path)) == ["bad_config", "old_format", "truncated"]  # nothing started
     assert len(os.listdir(old_format)) == 2
 
@@ -1495,7 +1498,7 @@ def test_tdmpc2_alone_is_the_plan_only_baseline_and_resumes_as_such(tmp_path):
     the one the run directory's config.json holds, so --resume keeps it."""
     def prepare(**fields):
         args = spowl.Args(env_id=jax_env.ENV_ID, log_dir=str(tmp_path / "new"), **fields)
-        return driver.prepare_run(args, set(fields) | {"env_id", "log_dir"})[0]
+        return driver.prepare_run(args, set(fields) | {"env_id", "log_dir"}, spowl.check)[0]
 
     assert prepare().act == "switch" and prepare(planner="cce").act == "switch"
     assert prepare(planner="tdmpc2", act="switch").act == "switch"
@@ -1505,7 +1508,7 @@ def test_tdmpc2_alone_is_the_plan_only_baseline_and_resumes_as_such(tmp_path):
     run.mkdir()
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(baseline)))  # as `train` writes it
     np.savez(run / "checkpoint.npz", format_version=driver.CHECKPOINT_FORMAT, counters="{}")  # a resumable run
-    resumed, resuming = driver.prepare_run(spowl.Args(resume=str(run), planner="tdmpc2"), {"resume", "planner"})
+    resumed, resuming = driver.prepare_run(spowl.Args(resume=str(run), planner="tdmpc2"), {"resume", "planner"}, spowl.check)
     assert resuming and resumed.act == "plan"
 
 
@@ -1539,7 +1542,7 @@ def test_rounds_side_by_side_in_turn_split_anywhere_and_as_one_program_give_the_
     learning_began = threading.Event()
 
     def act(actor, agent, stop_at):
-        actor, acted, metrics = train.act(actor, agent, stop_at)
+        actor, acted, metrics = train.collect(actor, agent, stop_at)
         if np.asarray(acted.learning).any():
             learning_began.set()
         return actor, acted, metrics

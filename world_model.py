@@ -5,7 +5,7 @@ values Q^c_j -- all small MLPs on a latent z.  Rewards, costs and values are lea
 two-hot target over bins in symlog space with a soft cross-entropy.  Ensembles are one stacked parameter set
 evaluated with `vmap`, so each layer of a whole ensemble is one batched matmul.
 
-Every function takes the run configuration `cfg` (the `Args` of `spowl.py`, or any object with the same fields)
+Every function takes the run configuration `args` (the `Args` of `spowl.py`, or any object with the same fields)
 and works on arrays with any leading batch shape.
 """
 
@@ -28,26 +28,26 @@ def symexp(x):
     return jnp.sign(x) * jnp.expm1(jnp.abs(x))
 
 
-def two_hot(x, cfg):
+def two_hot(x, args):
     """Encode scalars (...) as two-hot vectors (..., num_bins) over bins evenly spaced in symlog space."""
-    bin_size = (cfg.vmax - cfg.vmin) / (cfg.num_bins - 1)
-    position = (jnp.clip(symlog(x), cfg.vmin, cfg.vmax) - cfg.vmin) / bin_size
-    lower = jnp.clip(jnp.floor(position), 0, cfg.num_bins - 2).astype(jnp.int32)
+    bin_size = (args.vmax - args.vmin) / (args.num_bins - 1)
+    position = (jnp.clip(symlog(x), args.vmin, args.vmax) - args.vmin) / bin_size
+    lower = jnp.clip(jnp.floor(position), 0, args.num_bins - 2).astype(jnp.int32)
     upper_weight = (position - lower)[..., None]
-    lower_hot = jax.nn.one_hot(lower, cfg.num_bins)
-    upper_hot = jax.nn.one_hot(lower + 1, cfg.num_bins)
+    lower_hot = jax.nn.one_hot(lower, args.num_bins)
+    upper_hot = jax.nn.one_hot(lower + 1, args.num_bins)
     return (1 - upper_weight) * lower_hot + upper_weight * upper_hot
 
 
-def decode(logits, cfg):
+def decode(logits, args):
     """Expected value of a bin distribution, mapped back from symlog space: (..., num_bins) -> (...)."""
-    bin_values = jnp.linspace(cfg.vmin, cfg.vmax, cfg.num_bins)
+    bin_values = jnp.linspace(args.vmin, args.vmax, args.num_bins)
     return symexp(jax.nn.softmax(logits, -1) @ bin_values)
 
 
-def soft_ce(logits, x, cfg):
+def soft_ce(logits, x, args):
     """Cross-entropy between predicted bin logits (..., num_bins) and the two-hot encoding of targets x (...)."""
-    return -(two_hot(x, cfg) * jax.nn.log_softmax(logits, -1)).sum(-1)
+    return -(two_hot(x, args) * jax.nn.log_softmax(logits, -1)).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -173,26 +173,33 @@ class WorldModel(eqx.Module):
     cost_value: MLP  # Q^c_j: (z, a) -> cost-value logits, stacked ensemble
 
 
-def init_world_model(key, cfg, obs_dim, action_dim):
+def init_world_model(key, args, obs_dim, action_dim):
     """All components of Fig. 1, shaped as the authors' `WorldModel.__init__`; the targets start as copies."""
     keys = jax.random.split(key, 6)
-    latent, hidden = cfg.latent_dim, cfg.mlp_dim
-    head = [latent + action_dim, hidden, hidden, cfg.num_bins]
+    latent, hidden = args.latent_dim, args.mlp_dim
+    head = [latent + action_dim, hidden, hidden, args.num_bins]
     # At least one hidden layer even for num_enc_layers=1, as the authors' `WorldModel.__init__`.
-    encoder_sizes = [obs_dim] + [cfg.enc_dim] * max(cfg.num_enc_layers - 1, 1) + [latent]
+    encoder_sizes = [obs_dim] + [args.enc_dim] * max(args.num_enc_layers - 1, 1) + [latent]
     return WorldModel(
-        encoder=mlp(keys[0], encoder_sizes, simnorm_groups=cfg.simnorm_dim),
-        dynamics=mlp(keys[1], [latent + action_dim, hidden, hidden, latent], simnorm_groups=cfg.simnorm_dim),
+        encoder=mlp(keys[0], encoder_sizes, simnorm_groups=args.simnorm_dim),
+        dynamics=mlp(keys[1], [latent + action_dim, hidden, hidden, latent], simnorm_groups=args.simnorm_dim),
         reward=mlp(keys[2], head, zero_output=True),
-        cost=ensemble(keys[3], cfg.num_cost_heads, head, cfg.cost_dropout),
-        q=ensemble(keys[4], cfg.num_q, head, cfg.dropout),
-        cost_value=ensemble(keys[5], cfg.num_cost_heads, head, cfg.dropout),
+        cost=ensemble(keys[3], args.num_cost_heads, head, args.cost_dropout),
+        q=ensemble(keys[4], args.num_q, head, args.dropout),
+        cost_value=ensemble(keys[5], args.num_cost_heads, head, args.dropout),
     )
 
 
 def targets(model):
     """The EMA target ensembles (Q-bar, Q^c-bar) of Eq. 6, as a pair."""
     return model.q, model.cost_value
+
+
+def update_targets(target, model, args):
+    """The target ensembles' EMA: Q-bar <- Q-bar + tau (Q - Q-bar), and Q^c-bar likewise at --cost-tau (unset: tau)."""
+    cost_tau = args.tau if args.cost_tau is None else args.cost_tau
+    return tuple(jax.tree.map(lambda t, o: t + rate * (o - t), old, new)
+                 for rate, old, new in zip((args.tau, cost_tau), target, targets(model)))
 
 
 def encode(model, obs):
@@ -203,9 +210,9 @@ def next_latent(model, z, action):
     return model.dynamics(jnp.concatenate([z, action], -1))
 
 
-def head_values(heads, z, action, cfg, key=None):
+def head_values(heads, z, action, args, key=None):
     """Decoded predictions of every head of an ensemble: (num_heads, ...).  A key turns dropout on."""
-    return decode(ensemble_apply(heads, jnp.concatenate([z, action], -1), key), cfg)
+    return decode(ensemble_apply(heads, jnp.concatenate([z, action], -1), key), args)
 
 
 def aggregate(values, key, num, how):
@@ -223,7 +230,7 @@ def aggregate(values, key, num, how):
 # Training (Eq. 5-6)
 
 
-def td_targets(target, z_next, action_next, reward, cost, terminated, key, cfg):
+def td_targets(target, z_next, action_next, reward, cost, terminated, key, args):
     """TD targets of Eq. 6: Q_t = r_t + gamma min(2 of Q-bar), Q^c_t = c_t + gamma_c agg(Q^c-bar).
 
     Inputs are (H, B, ...): the encoded next observations z'_t and policy actions a'_t there.  The cost value's
@@ -232,11 +239,11 @@ def td_targets(target, z_next, action_next, reward, cost, terminated, key, cfg):
     """
     target_q, target_cost_value = target
     key_q, key_c = jax.random.split(key)
-    q = aggregate(head_values(target_q, z_next, action_next, cfg), key_q, cfg.q_subsample, "min")
-    qc = aggregate(head_values(target_cost_value, z_next, action_next, cfg), key_c, cfg.cost_subsample,
-                   cfg.cost_target_agg)
+    q = aggregate(head_values(target_q, z_next, action_next, args), key_q, args.q_subsample, "min")
+    qc = aggregate(head_values(target_cost_value, z_next, action_next, args), key_c, args.cost_subsample,
+                   args.cost_target_agg)
     alive = 1.0 - terminated
-    return reward + alive * cfg.gamma * q, cost + alive * cfg.cost_gamma * qc
+    return reward + alive * args.gamma * q, cost + alive * args.cost_gamma * qc
 
 
 def masked_mean(x, mask):
@@ -244,7 +251,7 @@ def masked_mean(x, mask):
     return (x * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1)
 
 
-def world_model_loss(model, batch, z_next, q_target, cost_value_target, key, cfg):
+def world_model_loss(model, batch, z_next, q_target, cost_value_target, key, args):
     """World-model loss of Eq. 5 with the authors' weighting (`make_step` in `spowl/spowl/update.py`).
 
     `batch` holds obs (H+1, B, O), action (H, B, A), reward, cost and valid (H, B); `valid` is False where a
@@ -264,19 +271,35 @@ def world_model_loss(model, batch, z_next, q_target, cost_value_target, key, cfg
     mask = batch.valid.astype(jnp.float32)
     # Every ensemble runs in training mode here, the cost heads included, as in the authors' `make_step`.
     key_q, key_c, key_cost = jax.random.split(key, 3)
-    cost_weight = jnp.where(batch.cost > 0, cfg.cost_imb_weight, 1.0)  # cost signals are rare (authors' `make_step`)
+    cost_weight = jnp.where(batch.cost > 0, args.cost_imb_weight, 1.0)  # cost signals are rare (authors' `make_step`)
     per_step = {  # each (H, B)
         "consistency": ((z_preds - z_next) ** 2).mean(-1),
-        "reward": soft_ce(model.reward(za), batch.reward, cfg),
-        "value": soft_ce(ensemble_apply(model.q, za, key_q), q_target, cfg).mean(0),
-        "cost": soft_ce(ensemble_apply(model.cost, za, key_cost), batch.cost, cfg).mean(0) * cost_weight,
-        "cost_value": soft_ce(ensemble_apply(model.cost_value, za, key_c), cost_value_target, cfg).mean(0),
+        "reward": soft_ce(model.reward(za), batch.reward, args),
+        "value": soft_ce(ensemble_apply(model.q, za, key_q), q_target, args).mean(0),
+        "cost": soft_ce(ensemble_apply(model.cost, za, key_cost), batch.cost, args).mean(0) * cost_weight,
+        "cost_value": soft_ce(ensemble_apply(model.cost_value, za, key_c), cost_value_target, args).mean(0),
     }
-    rho = cfg.rho ** jnp.arange(batch.action.shape[0])
+    rho = args.rho ** jnp.arange(batch.action.shape[0])
     terms = {name: (rho * masked_mean(x, mask)).mean() for name, x in per_step.items()}
-    coefs = {"consistency": cfg.consistency_coef, "reward": cfg.reward_coef, "value": cfg.value_coef,
-             "cost": cfg.cost_coef, "cost_value": cfg.cost_value_coef}
+    coefs = {"consistency": args.consistency_coef, "reward": args.reward_coef, "value": args.value_coef,
+             "cost": args.cost_coef, "cost_value": args.cost_value_coef}
     total = sum(coefs[name] * term for name, term in terms.items())
     latents = jnp.concatenate([zs, z_last[None]], 0)
     return total, (terms, jax.lax.stop_gradient(latents))
 
+
+
+def cost_value_check(model, rest, last_action, args):
+    """The cost-value heads against Monte-Carlo cost returns (a diagnostic, logged once a round).
+
+    `rest` (buffer.episode_rests) holds stored states s_t with their actions a_t and the discounted cost of the rest
+    of their episode as it happened; `last_action` is the policy's at each episode's last state s_T.  Returns the
+    heads' prediction Q^c(s_t, a_t) (mean of all heads, no dropout), the prediction of that same finite sum,
+    Q^c(s_t, a_t) - gamma_c^n Q^c(s_T, pi(s_T)) (truncated episodes bootstrap), and the cost return itself."""
+    predicted = head_values(model.cost_value, encode(model, rest.obs), rest.action, args).mean(0)
+    after = head_values(model.cost_value, encode(model, rest.last_obs), last_action, args).mean(0)
+    episode_part = predicted - args.cost_gamma**rest.steps * jnp.where(rest.terminated, 0.0, after)
+    counted = rest.steps > 0  # a start that is its episode's last state has no rest
+    mean = lambda x: (x * counted).sum() / jnp.maximum(counted.sum(), 1)  # noqa: E731
+    return {"cost_value_pred": mean(predicted), "cost_value_pred_episode": mean(episode_part),
+            "cost_return_mc": mean(rest.cost_return)}
