@@ -38,6 +38,7 @@ import jax_env
 import report
 import spowl
 import world_model
+import planner
 from planner import act, bootstrap_interval, estimate_value, plan, refit, select_cce, select_elites
 from policy import Lagrangian, augmented_lagrangian, init_policy, policy_loss, update_lagrangian
 from world_model import (WorldModel, aggregate, decode, encode, ensemble_apply, for_acting, init_world_model,
@@ -1830,3 +1831,39 @@ def test_results_md_is_what_report_writes_from_the_committed_runs(monkeypatch):
     command = re.search(r"`(python report\.py [^`]*)`", committed.splitlines()[0]).group(1)
     args = tyro.cli(report.Args, args=shlex.split(command)[2:])
     assert report.render_page(report.group_seeds(report.load_seeds(args.paths)), args) == committed
+
+
+def test_an_unknown_elite_rule_raises_and_each_rule_declares_whether_it_uses_cost():
+    """`planner.ELITE_RULES` is the one list of elite rules: a name not in it raises, in `spowl.check` (before a run
+    starts) and in the planner itself, instead of falling back to another rule; `uses_cost` comes from the rule."""
+    assert {name: rule.uses_cost for name, rule in planner.ELITE_RULES.items()} == {"spowl": True, "tdmpc2": False,
+                                                                                   "cce": True}
+    unknown = dataclasses.replace(TINY, planner="ppo")
+    with pytest.raises(ValueError, match="--planner ppo: no such elite rule"):
+        spowl.check(unknown)
+    model = init_world_model(jax.random.PRNGKey(0), TINY, OBS_DIM, ACTION_DIM)
+    policy = init_policy(jax.random.PRNGKey(1), TINY, ACTION_DIM)
+    with pytest.raises(ValueError, match="no such elite rule"):
+        jax.eval_shape(lambda: act(model, policy, jnp.zeros((2, OBS_DIM)), jnp.zeros((2, TINY.horizon, ACTION_DIM)),
+                                   jax.random.PRNGKey(2), unknown))
+
+
+def test_the_small_preset_is_an_optional_first_word(tmp_path):
+    """`python spowl.py small ...` starts from the small sizes, with later flags on top; without the word the paper's
+    defaults hold, so `python spowl.py --env-id ...` is unchanged."""
+    log_dir = ["--log-dir", str(tmp_path / "run")]
+    small, _ = driver.configure(spowl.PRESETS, spowl.check,
+                                ["small", "--env-id", jax_env.ENV_ID, "--seed", "7", *log_dir])
+    paper, _ = driver.configure(spowl.PRESETS, spowl.check, ["--env-id", jax_env.ENV_ID, *log_dir])
+    expected = dataclasses.replace(spowl.PRESETS["small"][1], env_id=jax_env.ENV_ID, seed=7, act="switch",
+                                   log_dir=log_dir[1])
+    assert small == expected and small.latent_dim == 64 and small.num_envs == 2
+    assert paper == dataclasses.replace(spowl.Args(), env_id=jax_env.ENV_ID, act="switch", log_dir=log_dir[1])
+
+
+def test_the_driver_imports_no_part_of_the_algorithm():
+    """driver.py works on the config and the functions make_train returns: importing it loads none of the algorithm's
+    modules, so a fork changes the method without touching the driver."""
+    code = "import sys, driver; print(sorted({'spowl', 'planner', 'policy', 'world_model'} & set(sys.modules)))"
+    output = subprocess.run([sys.executable, "-c", code], cwd=REPO_DIR, capture_output=True, text=True, check=True)
+    assert output.stdout.strip() == "[]", output
