@@ -43,7 +43,6 @@ def deterministic_action(policy, z):
     return jnp.tanh(jnp.split(policy(z), 2, -1)[0])
 
 
-
 class Lagrangian(NamedTuple):
     """The state of Eq. 10's Augmented Lagrangian, updated after every gradient step."""
 
@@ -57,7 +56,7 @@ def init_lagrangian(args):
 
 def augmented_lagrangian(delta, lagrangian):
     """Psi of Eq. 10: lambda Delta + mu/2 Delta^2 while lambda + mu Delta > 0, else -lambda^2 / (2 mu)."""
-    multiplier, penalty = lagrangian
+    multiplier, penalty = lagrangian.multiplier, lagrangian.penalty
     active = multiplier + penalty * delta > 0
     return jnp.where(active, multiplier * delta + 0.5 * penalty * delta**2, -(multiplier**2) / (2 * penalty))
 
@@ -67,13 +66,13 @@ def update_lagrangian(lagrangian, delta, args, episode_cost=None):
     mu Delta, 0, lagrange-max) with the *old* mu, then mu <- min(mu (1 + nu), penalty-max) (the paper misprints a
     max; docs/differences.md).  With --episode-cost-limit (not the paper's) lambda steps by multiplier-lr x
     (episode_cost - limit) instead."""
-    multiplier, penalty = lagrangian
+    multiplier, penalty = lagrangian.multiplier, lagrangian.penalty
     if args.episode_cost_limit is None:
         step = penalty * delta
     else:
         step = args.multiplier_lr * (episode_cost - args.episode_cost_limit)
-    multiplier = jnp.clip(multiplier + step, 0.0, args.lagrange_max)
-    return Lagrangian(multiplier, jnp.minimum(penalty * (1 + args.penalty_growth), args.penalty_max))
+    return lagrangian._replace(multiplier=jnp.clip(multiplier + step, 0.0, args.lagrange_max),
+                               penalty=jnp.minimum(penalty * (1 + args.penalty_growth), args.penalty_max))
 
 
 def cost_per_episode(cost, active, episode_steps):
