@@ -291,6 +291,7 @@ class Train(NamedTuple):
 def idle_branch(fn):
     """The other branch of lax.cond(busy, fn, idle_branch(fn), state, ...): state unchanged, the other outputs zeros
     (shaped by `eval_shape`, whose trace of a jitted fn the busy branch's call reuses)."""
+
     def idle(state, *rest):
         return (state, *jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, state, *rest)[1:]))
 
