@@ -226,29 +226,23 @@ def test_update_passes_the_batchs_terminations_to_the_td_targets(tiny, agent, ba
     assert ended.all() == bool(terminal), (terminal, info["q_target"], info["cost_value_target"])
 
 
-def test_update_and_planner_do_not_retrace(tiny, agent):
+@pytest.mark.xdist_group("update")  # one compile of jit_update per config for the tests of this group, under `pytest -n`
+def test_update_and_planner_do_not_retrace(tiny, agent, jit_update, jit_act):
     """The jitted update and planning call trace once: new values every call, and a fresh but equal config."""
     args = tiny
-    traces = {"update": 0, "act": 0}  # how often the functions below were traced
 
-    def counting_traces(name, fn):
-        def traced(*args):
-            traces[name] += 1
-            return fn(*args)
+    def traces():  # how often each was traced (one compiled program per trace), by this test or others before it
+        return {"update": jit_update._cache_size(), "act": jit_act._cache_size()}
 
-        return traced
-
-    update = jax.jit(counting_traces("update", spowl.update), static_argnums=3)
-    plan_act = jax.jit(counting_traces("act", act), static_argnums=(5, 6))
     mean = jnp.zeros((2, args.horizon, ACTION_DIM))
     for i in range(3):  # new values every call (the agent the update returned), and a fresh but equal config
         cfg = dataclasses.replace(args)
-        agent, _ = update(agent, random_batch(jax.random.PRNGKey(i), args), jax.random.PRNGKey(i), cfg)
+        agent, _ = jit_update(agent, random_batch(jax.random.PRNGKey(i), args), jax.random.PRNGKey(i), cfg)
         obs = jax.random.normal(jax.random.PRNGKey(10 + i), (2, OBS_DIM))
-        _, mean, _ = plan_act(agent.model, agent.policy, obs, mean, jax.random.PRNGKey(i), cfg, False)
+        _, mean, _ = jit_act(agent.model, agent.policy, obs, mean, jax.random.PRNGKey(i), cfg, False)
         if i == 0:
-            traced = dict(traces)
-    assert traces == traced and traced["update"] >= 1 and traced["act"] >= 1
+            traced = traces()
+    assert traces() == traced and traced["update"] >= 1 and traced["act"] >= 1
 
 
 @pytest.mark.parametrize("network", ["world_model", "policy"])
@@ -613,7 +607,7 @@ def linear_in_action(z, a, j, slope):
     return slope * a[..., 0] + (j - 2.0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": under `pytest -n` a worker may run other files' tests in between
 def switch_setup(tiny):
     """The config and the hand-built model (reward = a, no cost, flat values) of the switch's cases: one model for all,
     so that the cases share their compiled planning calls."""
