@@ -1757,9 +1757,9 @@ def test_learn_spowl_raises_lambda_while_delta_is_positive_and_earns_a_return_at
     `false_failure_rate` over all 33 SPOWL seed-runs in the CSV (recomputed by
     `test_learning_draws_give_the_learning_test_a_low_false_failure_rate_and_catch_the_regressions`): 0.6 % by a
     bootstrap of 3 seed-runs, 0.1 % t-predictive, all of it the cost's tail (two of the three costly seeds, or one
-    twice, in one draw); the bootstrap sees no tail beyond the recorded seeds and the cost is far from normal, so both are
-    estimates (on the first 24 seed-runs: 1.1 % and 0.7 %).  A run is deterministic on one CPU model: a change that
-    moves the update's floats by ~1e-7, or another CPU model, is another draw from these distributions.
+    twice, in one draw); the bootstrap sees no tail beyond the recorded seeds and the cost is far from normal, so
+    both are estimates (on the first 24 seed-runs: 1.1 % and 0.7 %).  A run is deterministic on one CPU model: a
+    change that moves the update's floats by ~1e-7, or another CPU model, is another draw from these distributions.
     """
     # Compiling takes a large share of this short run; XLA's CPU backend at optimisation level 1 compiles in about
     # half the time of the default level and, measured at this size, trains just as fast.
