@@ -1736,7 +1736,7 @@ def test_learn_spowl_raises_lambda_while_delta_is_positive_and_earns_a_return_at
     - What the test must catch, one run each of seeds 1-3 with these flags plus the change, mean over seeds:
       the unsafe TD-MPC2 baseline (`--planner tdmpc2`): return 23.5, cost 16.0 (seeds 14.9-17.4), lambda 0;
       lambda held at 0 (`--lagrange-max 1e-30`, the flag must be positive; mu's schedule, the planner and the switch
-      unchanged): return 23.2, cost 16.8 (15.7-18.6), lambda 1e-30: both fail the cost bar and the lambda bar;
+      unchanged): return 23.1, cost 16.8 (15.7-18.6), lambda 1e-30: both fail the cost bar and the lambda bar;
       random actions (`random_policy_eval`): return -0.06, cost 8.9: fails the return bar.
     - Not caught: a cost-blind planner (`--planner cce --cce-threshold 1e9`, every sequence feasible): return 12.9,
       cost 2.1, lambda 0.44-0.62; the policy's Lagrangian and the switch carry the safety here.  Planning alone
