@@ -808,16 +808,16 @@ def test_rounds_side_by_side_in_turn_split_anywhere_and_as_one_program_give_the_
     # steps: the random phase's rounds, which leave the agent as it is, must not wait for it.
     learning_began = threading.Event()
 
-    def act(actor, agent, stop_at):
-        actor, acted, metrics = train.collect(actor, agent, stop_at)
-        if np.asarray(acted.learning).any():
+    def collect(actor, agent, stop_at):
+        actor, rollout, metrics = train.collect(actor, agent, stop_at)
+        if np.asarray(rollout.learning).any():
             learning_began.set()
-        return actor, acted, metrics
+        return actor, rollout, metrics
 
     rounds = []
     with driver.ThreadPoolExecutor(1) as learner:
         busy = learner.submit(learning_began.wait, 120)
-        side_by_side = driver.play(train._replace(act=act), copy(start), end, end, learner, rounds.append)
+        side_by_side = driver.play(train._replace(collect=collect), copy(start), end, end, learner, rounds.append)
         assert busy.result(), "the actor waited for the learner in the random phase"
         split_up = copy(start)
         for until in (30, 100, 101, 250, end):  # inside rounds, at the first learning step, one round apart

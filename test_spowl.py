@@ -897,7 +897,8 @@ def test_learn_spowl_raises_lambda_while_delta_is_positive_and_earns_a_return_at
     LAMBDA_BAR (0.1) or more in every seed; the mean over seeds of the last eval return must be at least RETURN_BAR (6)
     and of the eval cost at most COST_BAR (13).
 
-    Recorded draws (LEARN_DRAWS, learning_draws.csv: one row per seed, commit 1b0d3ca, this project's 2-core CPU):
+    Recorded draws (LEARN_DRAWS, learning_draws.csv: one row per seed, commit 1b0d3ca, this project's 2-core CPU;
+    this test's run of seeds 1-3 at 5ec142a, after issue 37's refactor, gave the same values and lambdas):
     - SPOWL, exactly these flags, seeds 1-33 in 11 runs of 3: return 12.3 +- 2.7 per seed (3-seed means 9.2-15.2);
       cost skewed, median 2.1, 30 of 33 seeds at 0-7.1 and 3 at 13.0, 15.4 and 21.5 (3-seed means 0.6-8.6); lambda
       passes 0.1 between steps 6,000 and 8,300 and ends at 0.44-0.73, with Delta still 0.7-1.2 at the end.  One
