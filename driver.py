@@ -487,11 +487,11 @@ def jit_over_seeds(fns, mesh, keys):
                                              NamedSharding(mesh, PartitionSpec()))
     shapes = jax.eval_shape(fns.init, keys)
     by_round = shapes.last_rollout._replace(transitions=by_step_and_seed, active=replicated, learning=replicated,
-                                       global_step=replicated)
+                                            global_step=replicated)
     by_runner = shapes._replace(agent=by_seed, buffer=by_seed, actor=by_seed, key=by_seed, last_rollout=by_round)
     return fns._replace(init=jax.jit(fns.init, out_shardings=by_runner),
                         collect=jax.jit(fns.collect, donate_argnums=0, in_shardings=(by_seed, by_seed, replicated),
-                                    out_shardings=(by_seed, by_round, by_step_and_seed)),
+                                        out_shardings=(by_seed, by_round, by_step_and_seed)),
                         learn=jax.jit(fns.learn, donate_argnums=1, in_shardings=(by_seed, by_seed, by_seed, by_round),
                                       out_shardings=(by_seed, by_seed, by_seed, by_step_and_seed)),
                         evaluate=jax.jit(fns.evaluate, in_shardings=by_seed, out_shardings=by_seed)), by_runner

@@ -250,13 +250,13 @@ def run_episodes(env, act, agent, keys, num_episodes, horizon):
     summed over whole episodes (Table 1's measure)."""
 
     def episode_batch(keys):
-        key_reset, key = _split(keys, 2)
+        key_reset, key = split_keys(keys, 2)
         env_state, obs = env.reset(key_reset)
         plan_mean = jnp.zeros((*obs.shape[:2], horizon, env.action_dim))
 
         def step(carry, keys):
             env_state, obs, plan_mean, done, total_return, total_cost = carry
-            key_act, key_env = _split(keys, 2)
+            key_act, key_env = split_keys(keys, 2)
             action, plan_mean, _ = act(agent, obs, plan_mean, key_act)
             env_state, obs, reward, cost, terminated, truncated, _ = env.step(env_state, action, key_env)
             total_return, total_cost = total_return + (~done) * reward, total_cost + (~done) * cost
@@ -264,16 +264,17 @@ def run_episodes(env, act, agent, keys, num_episodes, horizon):
 
         zeros = jnp.zeros(obs.shape[:2])
         carry = (env_state, obs, plan_mean, zeros > 0, zeros, zeros)
-        carry, _ = jax.lax.scan(step, carry, _split(key, env.episode_steps))
+        carry, _ = jax.lax.scan(step, carry, split_keys(key, env.episode_steps))
         return carry[-2], carry[-1]  # (N, E)
 
     batches = -(-num_episodes // env.num_envs)
-    returns, costs = jax.lax.map(episode_batch, _split(keys, batches))  # (batches, N, E)
+    returns, costs = jax.lax.map(episode_batch, split_keys(keys, batches))  # (batches, N, E)
     per_seed = lambda x: jnp.swapaxes(x, 0, 1).reshape(x.shape[1], -1)[:, :num_episodes]  # noqa: E731
     return per_seed(returns), per_seed(costs)
 
 
-def _split(keys, num):  # each seed's key (N, 2) split as jax.random.split splits one
+def split_keys(keys, num):
+    """Split each seed's key: (N, 2) -> `num` arrays of (N, 2), as `jax.random.split` would for one seed."""
     return jnp.swapaxes(jax.vmap(lambda key: jax.random.split(key, num))(keys), 0, 1)
 
 

@@ -47,7 +47,8 @@ def estimate_value(model, policy, z, actions, key, args):
     if args.planner == "cce" and args.cce_estimate == "local":
         return value, costs.max(1).sum(0)
     immediate = costs.max(1) if args.plan_cost_agg == "max" else costs.mean(1)  # (H, N)
-    cost_value = aggregate(head_values(model.cost_value, z_last, action_last, args), keys[2], args.cost_subsample, "avg")
+    cost_value = aggregate(head_values(model.cost_value, z_last, action_last, args), keys[2], args.cost_subsample,
+                           "avg")
     return value, args.cost_gamma ** jnp.arange(horizon) @ immediate + args.cost_gamma**horizon * cost_value
 
 
@@ -88,7 +89,8 @@ def spowl_elites(value, cost_value, is_prior, policy_bounds, args):
     """SPOWL's elite rule: Alg. 1 with the adaptive thresholds of Eq. 12, the prior's mean J and J_c (Fig. 2's caption),
     or with --ci-thresholds the policy action's bootstrap bounds (the authors' `use_ci_thresholds`)."""
     num_prior = args.num_pi_trajs
-    d_reward, d_cost = policy_bounds if args.ci_thresholds else (value[:num_prior].mean(), cost_value[:num_prior].mean())
+    prior_means = (value[:num_prior].mean(), cost_value[:num_prior].mean())
+    d_reward, d_cost = policy_bounds if args.ci_thresholds else prior_means
     elites, score, empty = select_elites(value, cost_value, d_reward, d_cost, is_prior, args.num_elites,
                                          args.restrict_elites)
     return elites, score, {"no_improvement": empty, "d_reward": d_reward, "d_cost": d_cost}
@@ -112,7 +114,8 @@ ELITE_RULES = {
 def elite_rule(args):
     """The rule --planner names; an unknown name raises ValueError."""
     if args.planner not in ELITE_RULES:
-        raise ValueError(f"--planner {args.planner}: no such elite rule (planner.ELITE_RULES: {', '.join(ELITE_RULES)})")
+        raise ValueError(f"--planner {args.planner}: no such elite rule (planner.ELITE_RULES: "
+                         f"{', '.join(ELITE_RULES)})")
     return ELITE_RULES[args.planner]
 
 

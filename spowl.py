@@ -19,6 +19,7 @@ import buffer as replay
 import driver
 import envs
 import world_model
+from envs import split_keys
 from planner import act, elite_rule, uses_cost
 from policy import (Lagrangian, cost_per_episode, init_lagrangian, init_policy, policy_grad_norms, policy_loss,
                     sample_action, update_lagrangian)
@@ -146,7 +147,7 @@ def check(args):
     """The algorithm's constraints on the flags (driver.py checks the run's settings): a ValueError names the flag.
     Returns the config with --act resolved: plan only under an elite rule without cost, so that `--planner tdmpc2`
     alone is the unsafe baseline (Sec. 5.4), else the switch."""
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    flag = driver.flag
     elite_rule(args)
     for names, valid, rule in [(POSITIVE, lambda x: x > 0, "must be positive"),
                                (NON_NEGATIVE, lambda x: x >= 0, "must not be negative"),
@@ -298,11 +299,6 @@ def idle_branch(fn):
     return idle
 
 
-def split(keys, num):
-    """Split each seed's key: (N, 2) -> `num` arrays of (N, 2), as `jax.random.split` would for one seed."""
-    return jnp.swapaxes(jax.vmap(lambda key: jax.random.split(key, num))(keys), 0, 1)
-
-
 def make_train(args, env, eval_env):
     """Pure functions of a SPOWL run over N seeds (PureJaxRL-style); `env` / `eval_env` are batched `Env`s (envs.py).
     Each seed's work is vmapped, except the env step.  Seeds step in lockstep, so the masks (random phase, run end)
@@ -310,7 +306,7 @@ def make_train(args, env, eval_env):
     num_envs, horizon, round_length = args.num_envs, args.horizon, args.sync_every
 
     def init(keys):
-        key_agent, key_env, key_actor, key = split(keys, 4)
+        key_agent, key_env, key_actor, key = split_keys(keys, 4)
         agent = jax.vmap(lambda k: init_agent(k, args, env.obs_dim, env.action_dim))(key_agent)
         env_state, obs = env.reset(key_env)
 
@@ -336,7 +332,7 @@ def make_train(args, env, eval_env):
         return jax.lax.cond(learning, plan, random, agent, actor.obs, actor.plan_mean, key)
 
     def env_step(actor, agent, learning):  # one vector step of every seed: -> actor, transition, metrics
-        key, key_act, key_env = split(actor.key, 3)
+        key, key_act, key_env = split_keys(actor.key, 3)
         action, plan_mean, act_info = jax.vmap(choose_action, in_axes=(0, 0, 0, None))(agent, actor, key_act, learning)
         env_state, obs, reward, cost, terminated, truncated, raw_steps = env.step(actor.env_state, action, key_env)
         resetting = actor.ended  # this step only reset those envs: store the reset obs as an episode start
@@ -401,20 +397,22 @@ def make_train(args, env, eval_env):
                        "updated": jnp.broadcast_to(needs_update, agent.scale.shape), **info}
             return agent, metrics
 
-        keys = jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, round_length))(key), 0, 1)  # (K, N, 2)
+        keys = split_keys(key, round_length)  # (K, N, 2)
         return jax.lax.scan(learn_step, agent, (keys, rollout.active & rollout.learning))
 
     def cost_value_check(agent, buffer, key):  # one seed: the heads against the buffer's Monte-Carlo cost returns
         key_rest, key_action = jax.random.split(key)
         rest = replay.episode_rests(buffer, key_rest, args.batch_size, env.episode_steps, args.cost_gamma)
-        last_action, _ = sample_action(agent.policy, encode(agent.model, rest.last_obs), key_action, args)
-        return world_model.cost_value_check(agent.model, rest, last_action, args)
+        last = encode(agent.model, rest.last_obs)
+        last_action, _ = sample_action(agent.policy, last, key_action, args)
+        return world_model.cost_value_check(agent.model, rest, last, last_action, args)
 
     def learn(agent, buffer, key, rollout):
         """Store a rollout, make its updates, check the cost values; per-step metrics (K, N)."""
         buffer = store(buffer, rollout)
-        # The check's key is a third split: the first two are split(key, 2)'s, so the updates do not depend on it.
-        key, key_updates, key_check = split(key, 3)
+        # The check's key is a third split: the first two are those of a split in two, so the updates do not depend
+        # on it.
+        key, key_updates, key_check = split_keys(key, 3)
         agent, metrics = update_round(agent, buffer, key_updates, rollout)
         checked = jax.vmap(cost_value_check)(agent, buffer, key_check)  # once a round: ~0.1 % of its updates' time
         shape = metrics["updated"].shape

@@ -289,15 +289,16 @@ def world_model_loss(model, batch, z_next, q_target, cost_value_target, key, arg
 
 
 
-def cost_value_check(model, rest, last_action, args):
+def cost_value_check(model, rest, last, last_action, args):
     """The cost-value heads against Monte-Carlo cost returns (a diagnostic, logged once a round).
 
     `rest` (buffer.episode_rests) holds stored states s_t with their actions a_t and the discounted cost of the rest
-    of their episode as it happened; `last_action` is the policy's at each episode's last state s_T.  Returns the
-    heads' prediction Q^c(s_t, a_t) (mean of all heads, no dropout), the prediction of that same finite sum,
-    Q^c(s_t, a_t) - gamma_c^n Q^c(s_T, pi(s_T)) (truncated episodes bootstrap), and the cost return itself."""
+    of their episode as it happened; `last` is each episode's last state s_T, encoded, and `last_action` the policy's
+    action there.  Returns the heads' prediction Q^c(s_t, a_t) (mean of all heads, no dropout), the prediction of that
+    same finite sum, Q^c(s_t, a_t) - gamma_c^n Q^c(s_T, pi(s_T)) (truncated episodes bootstrap), and the cost return
+    itself."""
     predicted = head_values(model.cost_value, encode(model, rest.obs), rest.action, args).mean(0)
-    after = head_values(model.cost_value, encode(model, rest.last_obs), last_action, args).mean(0)
+    after = head_values(model.cost_value, last, last_action, args).mean(0)
     episode_part = predicted - args.cost_gamma**rest.steps * jnp.where(rest.terminated, 0.0, after)
     counted = rest.steps > 0  # a start that is its episode's last state has no rest
     mean = lambda x: (x * counted).sum() / jnp.maximum(counted.sum(), 1)  # noqa: E731
