@@ -259,8 +259,8 @@ def test_track_logs_each_seed_to_a_wandb_run_of_its_own_and_resume_continues_the
 # Faults: real processes and real signals (docs/crash-safety.md)
 
 # XLA's CPU backend at optimisation level 1 compiles in about half the time.
-def fault_env(tmp_path):
-    return {**cached_env(tmp_path), "XLA_FLAGS": "--xla_backend_optimization_level=1"}
+def fault_env(tmp_path):  # faulthandler: SIGABRT dumps every thread's Python stack (stderr_when_stopped)
+    return {**cached_env(tmp_path), "XLA_FLAGS": "--xla_backend_optimization_level=1", "PYTHONFAULTHANDLER": "1"}
 
 
 def session_processes(session):
@@ -511,13 +511,32 @@ SG_FAULT_FLAGS = ["--env-id", SG_ENV, "--num-envs", "1", "--eval-episodes", "1",
 
 
 def workers(trainer):
-    """The trainer's env worker processes (spawned: `spawn_main` in their command line), oldest first."""
-    children = []
+    """The trainer's env worker processes (spawned: `spawn_main` in their command line), oldest first: by start time,
+    as PIDs wrap around (at 32768 here), and the workers of two vector envs start about a second apart."""
+    started = []
     for pid in session_processes(trainer.pid):
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"spawn_main" in f.read():
-                children.append(pid)
-    return sorted(children)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                start_time = int(f.read().rsplit(")", 1)[1].split()[19])
+        except OSError:  # it ended meanwhile
+            continue
+        if b"spawn_main" in command:
+            started.append((start_time, pid))
+    return [pid for _, pid in sorted(started)]
+
+
+def stderr_when_stopped(trainer, timeout):
+    """The trainer's stderr once it exits; if it runs on past `timeout` s, fails with every thread's Python stack
+    (faulthandler dumps them on SIGABRT, see fault_env) and the processes of its session."""
+    try:
+        return trainer.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        alive = session_processes(trainer.pid)
+        trainer.send_signal(signal.SIGABRT)
+        stderr = trainer.communicate(timeout=60)[1]
+        pytest.fail(f"still running {timeout} s later; its session's processes {alive}; its stderr:\n{stderr[-12000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -568,7 +587,7 @@ def test_safety_gymnasium_kill_9_of_a_worker_stops_the_run_with_one_line_naming_
     assert sg_fault_runs.worker_counts["failing"] == 2
     trainer = sg_fault_runs.processes["failing"]
     os.kill(workers(trainer)[0], signal.SIGKILL)  # the first one spawned: training env 0
-    _, stderr = trainer.communicate(timeout=120)
+    stderr = stderr_when_stopped(trainer, 120)
     assert trainer.returncode == 1 and len(error_lines(stderr)) == 1, stderr[-3000:]
     [line] = error_lines(stderr)
     assert "training env 0 (env seed 10000) worker was killed by SIGKILL" in line, line
@@ -585,7 +604,7 @@ def test_safety_gymnasium_sigint_to_the_process_group_stops_at_a_round_boundary(
     assert sg_fault_runs.worker_counts["interrupted"] == 2
     trainer, run_dir = sg_fault_runs.processes["interrupted"], sg_fault_runs.tmp_path / "interrupted"
     os.killpg(trainer.pid, signal.SIGINT)
-    _, stderr = trainer.communicate(timeout=120)
+    stderr = stderr_when_stopped(trainer, 120)
     assert trainer.returncode == 128 + signal.SIGINT, stderr[-3000:]
     [line] = [line for line in stderr.splitlines() if "--resume" in line]
     stopped_at = int(line.split("stopped at step ")[1].split()[0])
@@ -606,7 +625,7 @@ def test_safety_gymnasium_a_second_signal_exits_at_once_without_a_checkpoint(sg_
     # order (both pending: the lower number first), and the second one decides the exit code.
     trainer.send_signal(signal.SIGTERM)
     trainer.send_signal(signal.SIGINT)
-    _, stderr = trainer.communicate(timeout=60)
+    stderr = stderr_when_stopped(trainer, 60)
     assert trainer.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM), stderr[-3000:]
     first = signal.SIGTERM if trainer.returncode == 128 + signal.SIGINT else signal.SIGINT
     assert f"{first.name}: stopping at the end of this round" in stderr, stderr[-3000:]
