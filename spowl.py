@@ -91,7 +91,7 @@ class Args:
     penalty_init: float = 5e-9  # initial penalty mu
     penalty_growth: float = 5e-6  # penalty growth rate nu: mu <- min(mu (1 + nu), penalty-max)
     penalty_max: float = 1.0  # upper bound of mu
-    lagrange_max: float = 10.0  # upper bound of lambda (inf: the paper's unbounded multiplier)
+    lagrange_max: float = 10.0  # upper bound of lambda (inf: the paper's; 0, with --lagrange-init 0: held at 0)
     episode_cost_limit: Optional[float] = None  # not the paper's: lambda steps on measured episode costs
     multiplier_lr: float = 2e-6  # lambda's step per update per unit of episode cost over --episode-cost-limit
 
@@ -137,7 +137,7 @@ PRESETS = {"paper": ("the paper's sizes (the defaults above)", Args()),
 POSITIVE = ("num_envs action_repeat buffer_size utd_ratio batch_size latent_dim mlp_dim enc_dim num_enc_layers "
             "simnorm_dim num_q num_cost_heads num_bins horizon iterations num_samples num_pi_trajs num_elites "
             "q_subsample cost_subsample ci_resamples lr enc_lr_scale grad_clip_norm policy_adam_eps temperature "
-            "min_std penalty_init penalty_max lagrange_max").split()
+            "min_std penalty_init penalty_max").split()
 NON_NEGATIVE = ("learning_starts lagrange_init penalty_growth entropy_coef cost_limit cost_imb_weight consistency_coef "
                 "reward_coef value_coef cost_coef cost_value_coef multiplier_lr episode_cost_limit").split()
 RATES = ["gamma", "cost_gamma", "rho", "tau", "cost_tau", "scale_tau"]
@@ -157,7 +157,8 @@ def check(args):
             if getattr(args, name) is not None and not valid(getattr(args, name)):
                 raise ValueError(f"{flag(name)} {rule}, got {getattr(args, name)}")
     for small, large in [("num_elites", "num_samples"), ("q_subsample", "num_q"), ("cost_subsample", "num_cost_heads"),
-                         ("min_std", "max_std"), ("log_std_min", "log_std_max"), ("vmin", "vmax")]:
+                         ("min_std", "max_std"), ("log_std_min", "log_std_max"), ("vmin", "vmax"),
+                         ("lagrange_init", "lagrange_max"), ("penalty_init", "penalty_max")]:
         if getattr(args, small) > getattr(args, large):
             raise ValueError(f"{flag(small)} ({getattr(args, small)}) must not exceed {flag(large)} "
                              f"({getattr(args, large)})")

@@ -738,6 +738,8 @@ BAD_FLAGS = {
     "episode-cost-limit": (["--episode-cost-limit", "-1"], "--episode-cost-limit must not be negative"),
     "multiplier-lr": (["--multiplier-lr", "-1e-6"], "--multiplier-lr must not be negative"),
     "cost-tau": (["--cost-tau", "0"], "--cost-tau must be in (0, 1]"),
+    "lagrange-init": (["--lagrange-init", "0.5", "--lagrange-max", "0.1"], "--lagrange-init (0.5) must not exceed"),
+    "penalty-init": (["--penalty-init", "2", "--penalty-max", "1"], "--penalty-init (2.0) must not exceed"),
     "resume-truncated": (["--resume", "{tmp}/truncated"], "cannot read {tmp}/truncated/checkpoint.npz (BadZipFile"),
     "resume-bad-config": (["--resume", "{tmp}/bad_config"], "cannot read {tmp}/bad_config/config.json"),
 }

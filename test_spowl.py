@@ -27,6 +27,7 @@ import benchmark
 import buffer as replay
 import jax_env
 import planner
+import policy
 import spowl
 import world_model
 from conftest import (ACTION_DIM, HAND_POLICY_ACTION, OBS_DIM, REPO_DIR, heads, hand_built_model, perturbed_model,
@@ -426,6 +427,18 @@ def test_measured_cost_multiplier_steps_lambda_by_the_episode_cost_over_the_limi
     expected = tiny.lagrange_max if expected is None else expected  # None: clipped at lambda_max
     multiplier, penalty = update_lagrangian(Lagrangian(0.5, 0.2), 123.0, cfg, cost)
     np.testing.assert_allclose([multiplier, penalty], [expected, 0.3], rtol=1e-6)
+
+
+def test_lagrange_max_0_holds_lambda_at_0_while_mu_grows(tiny):
+    """`--lagrange-init 0 --lagrange-max 0` is a valid config, and lambda stays 0 whatever Delta; mu keeps its
+    schedule.  (An initial lambda above its bound is refused: test_driver's bad-input cases.)"""
+    args = spowl.check(dataclasses.replace(tiny, lagrange_init=0.0, lagrange_max=0.0, penalty_growth=0.5))
+    lagrangian = policy.init_lagrangian(args)
+    for delta in (5.0, -5.0, 1e6):
+        penalty = float(lagrangian.penalty)
+        lagrangian = update_lagrangian(lagrangian, delta, args)
+        assert float(lagrangian.multiplier) == 0.0
+        np.testing.assert_allclose(lagrangian.penalty, min(1.5 * penalty, tiny.penalty_max), rtol=1e-6)
 
 
 def test_cost_per_episode_is_a_rounds_cost_per_agent_step_times_the_episodes_steps():
@@ -905,7 +918,7 @@ def test_learn_spowl_raises_lambda_while_delta_is_positive_and_earns_a_return_at
       run took 80-515 s on the shared CPU, depending on its load.
     - What the test must catch, one run each of seeds 1-3 with these flags plus the change, mean over seeds:
       the unsafe TD-MPC2 baseline (`--planner tdmpc2`): return 23.5, cost 16.0 (seeds 14.9-17.4), lambda 0;
-      lambda held at 0 (`--lagrange-max 1e-30`, the flag must be positive; mu's schedule, the planner and the switch
+      lambda held at 0 (`--lagrange-max 1e-30`, recorded when 0 was refused; mu's schedule, the planner and the switch
       unchanged): return 23.1, cost 16.8 (15.7-18.6), lambda 1e-30: both fail the cost bar and the lambda bar;
       random actions (`random_policy_eval`): return -0.06, cost 8.9: fails the return bar.
     - Not caught here: a cost-blind planner (`--planner cce --cce-threshold 1e9`, every sequence feasible): return
