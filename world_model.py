@@ -247,7 +247,7 @@ def td_targets(target, z_next, action_next, reward, cost, terminated, key, args)
 
 
 def masked_mean(x, mask):
-    """Mean over the batch axis of (H, B) terms, leaving out masked (cross-episode) entries: -> (H,)."""
+    """Mean over the batch (last) axis, leaving out masked entries (cross-episode ones, say): (..., B) -> (...)."""
     return (x * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1)
 
 
@@ -288,7 +288,6 @@ def world_model_loss(model, batch, z_next, q_target, cost_value_target, key, arg
     return total, (terms, jax.lax.stop_gradient(latents))
 
 
-
 def cost_value_check(model, rest, last, last_action, args):
     """The cost-value heads against Monte-Carlo cost returns (a diagnostic, logged once a round).
 
@@ -301,6 +300,5 @@ def cost_value_check(model, rest, last, last_action, args):
     after = head_values(model.cost_value, last, last_action, args).mean(0)
     episode_part = predicted - args.cost_gamma**rest.steps * jnp.where(rest.terminated, 0.0, after)
     counted = rest.steps > 0  # a start that is its episode's last state has no rest
-    mean = lambda x: (x * counted).sum() / jnp.maximum(counted.sum(), 1)  # noqa: E731
-    return {"cost_value_pred": mean(predicted), "cost_value_pred_episode": mean(episode_part),
-            "cost_return_mc": mean(rest.cost_return)}
+    values = {"cost_value_pred": predicted, "cost_value_pred_episode": episode_part, "cost_return_mc": rest.cost_return}
+    return {name: masked_mean(x, counted) for name, x in values.items()}
